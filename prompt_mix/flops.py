@@ -449,31 +449,60 @@ def decode_flops(config: T5Config, deltas: plugins.Deltas, batch: int, inputs: i
   return walk.count()
 
 
-_HLO_DEF = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]")
+_HLO_DEF = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]")
 _HLO_DOT = re.compile(r" dot\(%?([\w.\-]+), %?([\w.\-]+)\)")
-_HLO_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloDot:
+  """One `dot` instruction of an HLO module: operand shapes and dimension numbers."""
+
+  dtype: str
+  lhs: tuple[int, ...]
+  rhs: tuple[int, ...]
+  lhs_contracting: tuple[int, ...]
+  rhs_contracting: tuple[int, ...]
+  lhs_batch: tuple[int, ...]
+  rhs_batch: tuple[int, ...]
+  out: tuple[int, ...]
+
+  @property
+  def flops(self) -> float:
+    """2 x (output elements) x (contracted size)."""
+    return 2.0 * math.prod(self.out) * math.prod(self.lhs[d] for d in self.lhs_contracting)
+
+
+def hlo_dots(hlo_text: str) -> list[HloDot]:
+  """The `dot` instructions of an HLO module's text (e.g. `compiled.as_text()`), in order."""
+  shapes = {}
+  for line in hlo_text.splitlines():
+    m = _HLO_DEF.match(line)
+    if m:
+      shapes[m.group(1)] = (m.group(2), tuple(int(x) for x in m.group(3).split(",") if x))
+
+  def dims(line, name):
+    m = re.search(name + r"=\{([\d,]*)\}", line)
+    return tuple(int(x) for x in m.group(1).split(",") if x) if m else ()
+
+  dots = []
+  for line in hlo_text.splitlines():
+    if " dot(" not in line:
+      continue
+    dtype, out = shapes[_HLO_DEF.match(line).group(1)]
+    lhs_name, rhs_name = _HLO_DOT.search(line).groups()
+    dots.append(HloDot(dtype, shapes[lhs_name][1], shapes[rhs_name][1], dims(line, "lhs_contracting_dims"),
+                       dims(line, "rhs_contracting_dims"), dims(line, "lhs_batch_dims"),
+                       dims(line, "rhs_batch_dims"), out))
+  return dots
 
 
 def hlo_dot_flops(hlo_text: str) -> float:
   """The FLOPs of the `dot` instructions of an HLO module's text (e.g. `compiled.as_text()`).
 
-  2 x (output elements) x (contracted size) per dot: what XLA executes in matmuls, to compare with the
-  counts above (rule 5). Other instructions (elementwise, reductions) are left out, as in rule 1.
+  What XLA executes in matmuls, to compare with the counts above (rule 5). Other instructions
+  (elementwise, reductions) are left out, as in rule 1.
   """
-  shapes = {}
-  for line in hlo_text.splitlines():
-    m = _HLO_DEF.match(line)
-    if m:
-      shapes[m.group(1)] = [int(x) for x in m.group(2).split(",") if x]
-  total = 0.0
-  for line in hlo_text.splitlines():
-    if " dot(" not in line:
-      continue
-    out = shapes[_HLO_DEF.match(line).group(1)]
-    lhs = shapes[_HLO_DOT.search(line).group(1)]
-    contracting = [int(x) for x in _HLO_CONTRACTING.search(line).group(1).split(",") if x]
-    total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in contracting)
-  return total
+  return sum(dot.flops for dot in hlo_dots(hlo_text))
 
 
 def describe(deltas: Sequence[plugins.Delta]) -> str:

@@ -170,3 +170,18 @@ def test_unknown_plugin_is_named():
 
   with pytest.raises(ValueError, match="no formula for the projection plug-in Odd"):
     flops.train_step_flops(CONFIG, (OddDelta(),), B, N, T)
+
+
+def test_hlo_dots_read_shapes_and_dimension_numbers():
+  """A batched einsum and a transposed matmul, as the benchmark's matmul floor re-runs them."""
+  def f(a, b, w):
+    return jnp.einsum("bqd,bkd->bqk", a, b).sum() + (a[0] @ w.T).sum()
+
+  a, b, w = jnp.ones((2, 3, 5)), jnp.ones((2, 4, 5)), jnp.ones((7, 5))
+  dots = flops.hlo_dots(jax.jit(f).lower(a, b, w).compile().as_text())
+  by_out = {dot.out: dot for dot in dots}
+  batched, plain = by_out[(2, 3, 4)], by_out[(3, 7)]
+  assert (batched.lhs, batched.rhs, batched.lhs_batch, batched.rhs_batch) == ((2, 3, 5), (2, 4, 5), (0,), (0,))
+  assert (batched.lhs_contracting, batched.rhs_contracting) == ((2,), (2,))
+  assert batched.flops == 2 * 2 * 3 * 4 * 5 and plain.flops == 2 * 3 * 7 * 5
+  assert plain.dtype == "f32" and plain.lhs_contracting == (1,) and plain.rhs_contracting == (1,)

@@ -12,6 +12,7 @@ high-water, `resource.getrusage`; GPU: `peak_bytes_in_use`).
   ... --compare-peft      the same shapes with HF PEFT (PyTorch CPU, torch threads = cores), same process
   ... --inference         scoring (`score_batch`) and greedy decoding (`predict_batch`) throughput
   ... --mixed-task        a bank of 8 prompts (`PromptTuning(num_tasks=8)`, task_ids 0..7) vs one prompt
+  ... --versus=METHOD     another method's step on the same shapes, timed interleaved, and the ratio
   ... --sweep=prompt      prompt lengths 0..400 (`--sweep=batch`: batch sizes), one subprocess per point
   ... --profile           per-op time of the jitted step (jax.profiler trace), by kind of op
   ... --dtype=bfloat16    bf16 activations (float32 params) for accelerators
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -79,6 +81,8 @@ flags.DEFINE_bool("inference", False, "Also time scoring and greedy decoding.")
 flags.DEFINE_bool("mixed-task", False, "Also time a mixed-task batch of 8 prompts vs a single prompt.")
 flags.DEFINE_enum("sweep", None, tuple(SWEEPS), "Scaling curve over prompt length or batch size.")
 flags.DEFINE_list("sweep_values", None, "Values of the sweep (default: prompt 0..400, batch 1..32).")
+flags.DEFINE_enum("versus", None, METHODS, "Also time this method's step on the same shapes, the two "
+                  "steps interleaved, and print the ratio (e.g. --method=attempt --versus=prompt_tuning).")
 flags.DEFINE_bool("profile", False, "Trace the measured steps and print per-op time by kind.")
 flags.DEFINE_bool("json", False, "Print the results as one JSON line (used by --sweep).")
 
@@ -235,6 +239,31 @@ def time_calls(call: Callable[[], Any], steps: int, warmup: int) -> dict:
               times_s=times)
 
 
+def interleaved(calls: dict[str, Callable[[], Any]], steps: int, warmup: int) -> dict[str, dict]:
+  """Times several calls round-robin (the order reversed every other round), so that a change in the
+  machine's load during the run falls on all of them alike. Returns `time_calls`' dict per name, plus
+  'paired_ratio': {name: median over rounds of (its time / the first call's time in that round)}."""
+  first = {}
+  for name, call in calls.items():
+    t0 = time.perf_counter()
+    call()
+    first[name] = time.perf_counter() - t0
+    for _ in range(warmup):
+      call()
+  times = {name: [] for name in calls}
+  names = list(calls)
+  for i in range(steps):
+    for name in (names if i % 2 == 0 else names[::-1]):
+      t0 = time.perf_counter()
+      calls[name]()
+      times[name].append(time.perf_counter() - t0)
+  out = {name: dict(first_s=first[name], median_s=float(np.median(ts)), min_s=min(ts), max_s=max(ts),
+                    times_s=ts) for name, ts in times.items()}
+  base = times[names[0]]
+  out["paired_ratio"] = {name: float(np.median(np.asarray(ts) / np.asarray(base))) for name, ts in times.items()}
+  return out
+
+
 def hlo_op_kinds(hlo_text: str) -> dict[str, str]:
   """{instruction name: kind} of a compiled HLO module: 'matmul' for dots and fusions that hold one,
   else the opcode ('fusion' for elementwise/reduce fusions, 'copy', 'transpose', 'gather', ...)."""
@@ -263,6 +292,36 @@ def hlo_op_kinds(hlo_text: str) -> dict[str, str]:
         kind = "matmul" if any(has_dot.get(c, False) for c in called) else "fusion"
       kinds[name] = kind
   return kinds
+
+
+def matmul_floor(hlo_text: str, repeats: int = 7) -> dict:
+  """Each distinct dot of a compiled step timed alone (jitted, best of `repeats`), times its count.
+
+  The sum is the time the step's matmuls take when each runs by itself on the whole machine: a floor
+  for the step, whatever the rest costs.
+  """
+  counts = collections.Counter(flops_lib.hlo_dots(hlo_text))
+  total_s, total_flops, rows = 0.0, 0.0, []
+  for dot, count in counts.items():
+    dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16, "f16": jnp.float16}[dot.dtype]
+    lhs = jax.random.normal(jax.random.PRNGKey(0), dot.lhs, dtype)
+    rhs = jax.random.normal(jax.random.PRNGKey(1), dot.rhs, dtype)
+    numbers = ((dot.lhs_contracting, dot.rhs_contracting), (dot.lhs_batch, dot.rhs_batch))
+    f = jax.jit(lambda a, b, numbers=numbers: jax.lax.dot_general(a, b, numbers))
+    for _ in range(3):  # Compilation, then warm caches and the thread pool: the first runs are slow.
+      f(lhs, rhs).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(lhs, rhs).block_until_ready()
+      best = min(best, time.perf_counter() - t0)
+    total_s += best * count
+    total_flops += dot.flops * count
+    rows.append((best * count, count, dot))
+  rows.sort(key=lambda r: -r[0])
+  return dict(seconds=total_s, flops=total_flops, distinct=len(counts), dots=sum(counts.values()),
+              top=[(f"{c} x {d.lhs}.{d.rhs} contracting {d.lhs_contracting}/{d.rhs_contracting} batch "
+                    f"{d.lhs_batch}", 1000 * t, d.flops * c / t / 1e9) for t, c, d in rows[:8]])
 
 
 def profile_step(call: Callable[[], Any], steps: int, hlo_text: str, logdir: str) -> dict:
@@ -298,7 +357,17 @@ def profile_step(call: Callable[[], Any], steps: int, hlo_text: str, logdir: str
 
 
 # ------------------------------------------------------------------------------------------ ours
-def bench_train(setup: Setup, config, steps: int, warmup: int, profile: bool = False) -> dict:
+@dataclasses.dataclass
+class TrainStep:
+  """A compiled training step of a `Setup` and the state it carries from call to call."""
+
+  call: Callable[[], Any]  # One step (blocks until done); returns the loss.
+  hlo: str
+  cost: dict
+  state: list  # [trainable, optimizer state].
+
+
+def compile_train_step(setup: Setup) -> TrainStep:
   model = setup.model
   trainable, frozen = model_lib.split_trainable(setup.variables, model.trains_backbone)
   trainable = jax.tree_util.tree_map(jnp.copy, trainable)  # Donated: keep setup.variables intact.
@@ -308,7 +377,6 @@ def bench_train(setup: Setup, config, steps: int, warmup: int, profile: bool = F
   dropout_rng = jax.random.PRNGKey(1) if FLAGS.dropout > 0 else None
   jitted = jax.jit(step, donate_argnums=(0, 1))
   compiled = jitted.lower(trainable, opt_state, frozen, setup.batch, dropout_rng).compile()
-  hlo = compiled.as_text()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   state = [trainable, opt_state]
@@ -318,18 +386,27 @@ def bench_train(setup: Setup, config, steps: int, warmup: int, profile: bool = F
     loss.block_until_ready()
     return loss
 
-  timing = time_calls(call, steps, warmup)
+  return TrainStep(call, compiled.as_text(), dict(cost), state)
+
+
+def bench_train(setup: Setup, config, steps: int, warmup: int, profile: bool = False,
+                train_step: Optional[TrainStep] = None, timing: Optional[dict] = None) -> dict:
+  """Times the training step (or reports `timing` measured elsewhere, e.g. by `interleaved`)."""
+  train_step = train_step or compile_train_step(setup)
+  call = train_step.call
+  timing = timing or time_calls(call, steps, warmup)
   b, n, t = (setup.batch["encoder_input_tokens"].shape[0], setup.batch["encoder_input_tokens"].shape[1],
              setup.batch["decoder_target_tokens"].shape[1])
   needed = flops_lib.train_step_flops(config, setup.deltas, b, n, t)
   out = dict(timing, flops_needed=needed.total, flops_forward=needed.forward,
-             flops_backward=needed.backward, flops_dots=flops_lib.hlo_dot_flops(hlo),
-             flops_xla=float(cost.get("flops", 0.0)), tokens_per_s=b * (n + t) / timing["median_s"],
+             flops_backward=needed.backward, flops_dots=flops_lib.hlo_dot_flops(train_step.hlo),
+             flops_xla=float(train_step.cost.get("flops", 0.0)), tokens_per_s=b * (n + t) / timing["median_s"],
              examples_per_s=b / timing["median_s"], peak_memory=peak_memory_bytes(),
-             loss=float(call()), trainable_params=model_lib.count_params(state[0]))
+             loss=float(call()), trainable_params=model_lib.count_params(train_step.state[0]))
   if profile:
     with tempfile.TemporaryDirectory() as logdir:
-      out["profile"] = profile_step(call, steps, hlo, logdir)
+      out["profile"] = profile_step(call, steps, train_step.hlo, logdir)
+    out["profile"]["matmul_floor"] = matmul_floor(train_step.hlo)
   return out
 
 
@@ -429,6 +506,13 @@ def describe_profile(p: dict) -> list[str]:
   lines.append("    top ops:")
   for name, ms in p["top_ops"]:
     lines.append(f"      {name:<40}{ms:>10.1f} ms")
+  floor = p.get("matmul_floor")
+  if floor:
+    lines.append(f"  matmul floor: the step's {floor['dots']} dots ({floor['distinct']} distinct), each timed "
+                 f"alone: {1000 * floor['seconds']:.1f} ms for {floor['flops'] / 1e9:.2f} GFLOP = "
+                 f"{floor['flops'] / floor['seconds'] / 1e9:.1f} GFLOP/s")
+    for name, ms, rate in floor["top"]:
+      lines.append(f"      {ms:>8.1f} ms {rate:>7.1f} GFLOP/s  {name}")
   return lines
 
 
@@ -446,6 +530,7 @@ def run_point(method: str, b: int, m: int, library_dir: str) -> dict:
                  targets=t, optimizer=FLAGS.optimizer, dropout=FLAGS.dropout,
                  device=str(jax.local_devices()[0].device_kind), cores=os.cpu_count(),
                  load_average_start=load_average())
+  say("command: python tools/benchmark.py " + " ".join(sys.argv[1:]))
   rate = matmul_rate(FLAGS.matmul_size)
   results["matmul_flops_per_s"] = rate
   say(f"machine: {results['device']}, {os.cpu_count()} cores, jax {jax.__version__}; fp32 "
@@ -459,7 +544,24 @@ def run_point(method: str, b: int, m: int, library_dir: str) -> dict:
   setup = build(config, deltas, batch, eos_id=-1)
   say(header(FLAGS.size, method if deltas else "backbone (no trainable leaves: forward only)", b, n, m, t))
 
-  if FLAGS.train:
+  if FLAGS.train and FLAGS.versus:
+    other_deltas = make_deltas(FLAGS.versus, m, n, t, config.emb_dim, library_dir)
+    other = build(config, other_deltas, batch, eos_id=-1)
+    step, other_step = compile_train_step(setup), compile_train_step(other)
+    timings = interleaved({FLAGS.versus: other_step.call, method: step.call}, FLAGS.steps, FLAGS.warmup)
+    r = bench_train(setup, config, FLAGS.steps, FLAGS.warmup, FLAGS.profile, step, timings[method])
+    v = bench_train(other, config, FLAGS.steps, FLAGS.warmup, False, other_step, timings[FLAGS.versus])
+    results["train"], results["versus"] = r, dict(method=FLAGS.versus, train=v,
+                                                  paired_ratio=timings["paired_ratio"][method])
+    say(f"train step ({method}; steps interleaved with {FLAGS.versus}'s):")
+    for line in describe_train(r, rate):
+      say(line)
+    say(f"train step of {FLAGS.versus} on the same shapes:")
+    for line in describe_train(v, rate):
+      say(line)
+    say(f"  {method} / {FLAGS.versus}: {r['median_s'] / v['median_s']:.3f} on medians, "
+        f"{timings['paired_ratio'][method]:.3f} on the median of per-round ratios")
+  elif FLAGS.train:
     r = bench_train(setup, config, FLAGS.steps, FLAGS.warmup, FLAGS.profile)
     results["train"] = r
     say("train step:")
@@ -484,11 +586,11 @@ def run_point(method: str, b: int, m: int, library_dir: str) -> dict:
   if FLAGS["mixed-task"].value and method == "prompt_tuning" and m:
     mixed = mixed_task(config, b, n, m, t)
     results["mixed_task"] = mixed
-    say("mixed-task batch (8-prompt bank, task_ids 0..7) vs single-task batch (one prompt):")
+    say("mixed-task batch (8-prompt bank, task_ids 0..7) vs single-task batch (one prompt), interleaved:")
     for kind in ("train", "score"):
       one, bank = mixed["single"][kind]["median_s"], mixed["bank"][kind]["median_s"]
       say(f"  {kind:<6} single {1000 * one:.1f} ms, bank {1000 * bank:.1f} ms: bank/single "
-          f"{bank / one:.3f}")
+          f"{bank / one:.3f} on medians, {mixed['paired_ratio'][kind]:.3f} on the median of per-round ratios")
 
   if FLAGS["compare-peft"].value:
     if method not in PEFT_METHODS or not deltas:
@@ -517,22 +619,30 @@ def run_point(method: str, b: int, m: int, library_dir: str) -> dict:
 
 
 def mixed_task(config, b: int, n: int, m: int, t: int) -> dict:
-  """A bank of 8 prompts with task_ids 0..7 (cycled over the batch) vs one prompt, same shapes."""
-  out = {}
+  """A bank of 8 prompts with task_ids 0..7 (cycled over the batch) vs one prompt, same shapes; the two
+  training steps (and the two scorings) are timed interleaved."""
+  setups, steps, scores = {}, {}, {}
   for name, num_tasks in (("single", None), ("bank", 8)):
     deltas = make_deltas("prompt_tuning", m, n, t, config.emb_dim, None, num_tasks=num_tasks)
     batch = make_batch(b, n, t, config.vocab_size, task_ids=None if num_tasks is None else
                        np.arange(b) % num_tasks)
-    setup = build(config, deltas, batch, eos_id=-1)
-    out[name] = dict(train=bench_train(setup, config, FLAGS.steps, FLAGS.warmup),
-                     score=bench_score(setup, config, FLAGS.steps, FLAGS.warmup))
-  return out
+    setups[name] = setup = build(config, deltas, batch, eos_id=-1)
+    steps[name] = compile_train_step(setup)
+    score = jax.jit(setup.model.score_batch)
+    scores[name] = functools.partial(lambda f, s: f(s.variables, s.batch).block_until_ready(), score, setup)
+  train = interleaved({k: v.call for k, v in steps.items()}, FLAGS.steps, FLAGS.warmup)
+  score = interleaved(scores, FLAGS.steps, FLAGS.warmup)
+  return {name: dict(train=bench_train(setups[name], config, FLAGS.steps, FLAGS.warmup,
+                                       train_step=steps[name], timing=train[name]),
+                     score=score[name]) for name in setups} | dict(
+                         paired_ratio=dict(train=train["paired_ratio"]["bank"],
+                                           score=score["paired_ratio"]["bank"]))
 
 
 def run_sweep(kind: str) -> None:
   values = [int(v) for v in (FLAGS.sweep_values or SWEEPS[kind])]
   passthrough = [a for a in sys.argv[1:] if not a.startswith(("--sweep", "--json", "--compare-peft",
-                                                              "--mixed-task", "--profile"))]
+                                                              "--mixed-task", "--profile", "--versus"))]
   rows = []
   for value in values:
     arg = f"--prompt={value}" if kind == "prompt" else f"--batch={value}"

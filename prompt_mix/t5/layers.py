@@ -153,15 +153,21 @@ class MlpBlock(nn.Module):
     """[B, n, d] -> [B, n, d]."""
     cfg = self.config
     dense = functools.partial(Dense, site=self.site, deltas=self.deltas, dtype=cfg.dtype)
-    activations = []
-    for idx, act in enumerate(cfg.mlp_activations):
+    hidden = []
+    for idx in range(len(cfg.mlp_activations)):
       name = "wi" if len(cfg.mlp_activations) == 1 else f"wi_{idx}"
-      h = dense(cfg.mlp_dim, ("embed", "mlp"), name=name)(x, ctx)
-      activations.append(_ACTIVATIONS[act](h))
-    h = functools.reduce(jnp.multiply, activations)
+      hidden.append(dense(cfg.mlp_dim, ("embed", "mlp"), name=name)(x, ctx))
+    # Rematerialized: the backward pass recomputes the activations from the projections' outputs (which
+    # it keeps anyway), so the forward writes only the product, in one pass over [B, n, d_ff].
+    h = jax.checkpoint(functools.partial(_activate, cfg.mlp_activations))(*hidden)
     h = constrain(h, ("batch", "length", "mlp"))
     h = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(h, deterministic=ctx.deterministic)
     return dense(cfg.emb_dim, ("mlp", "embed"), name="wo")(h, ctx)
+
+
+def _activate(activations: tuple[str, ...], *hidden: Array) -> Array:
+  """The product of each projection's activation (gated for v1.1: gelu(wi_0 x) * (wi_1 x))."""
+  return functools.reduce(jnp.multiply, [_ACTIVATIONS[a](h) for a, h in zip(activations, hidden)])
 
 
 _ACTIVATIONS = {
