@@ -1,0 +1,48 @@
+"""tools/benchmark.py end to end on the tiny preset: every comparison it offers runs and reports numbers
+that agree with the FLOP counter (the timings themselves are not asserted: tests never time)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+from prompt_mix import flops
+from prompt_mix.attempt import attempt
+from prompt_mix.peft import prompt_tuning
+from prompt_mix.t5 import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHAPES = ["--size=tiny", "--batch=2", "--inputs=6", "--prompt=3", "--targets=2", "--steps=2", "--warmup=0",
+          "--matmul_size=64", "--json"]
+
+
+def run_tool(*args: str) -> dict:
+  proc = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), *SHAPES, *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+  assert lines, proc.stdout[-3000:]
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+def check_train(r: dict, deltas: tuple) -> None:
+  expected = flops.train_step_flops(config_lib.preset("tiny"), deltas, 2, 6, 2)
+  assert r["flops_needed"] == expected.total
+  assert r["median_s"] > 0 and len(r["times_s"]) == 2 and r["peak_memory"] > 0
+  assert r["flops_dots"] >= r["flops_needed"]
+
+
+def test_attempt_versus_prompt_tuning_are_timed_interleaved():
+  r = run_tool("--method=attempt", "--versus=prompt_tuning", "--sources=2")
+  check_train(r["train"], (attempt.Attempt(library_path="unused", source_names=("a", "b"), prompt_length=3),))
+  check_train(r["versus"]["train"], (prompt_tuning.PromptTuning(length=3),))
+  assert r["versus"]["method"] == "prompt_tuning" and r["versus"]["paired_ratio"] > 0
+
+
+def test_prompt_tuning_inference_and_mixed_task():
+  r = run_tool("--method=prompt_tuning", "--inference", "--mixed-task")
+  check_train(r["train"], (prompt_tuning.PromptTuning(length=3),))
+  assert r["score"]["median_s"] > 0 and r["greedy"]["generated_tokens_per_s"] > 0
+  mixed = r["mixed_task"]
+  check_train(mixed["bank"]["train"], (prompt_tuning.PromptTuning(length=3, num_tasks=8),))
+  assert mixed["paired_ratio"]["train"] > 0 and mixed["paired_ratio"]["score"] > 0
