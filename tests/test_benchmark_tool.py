@@ -12,7 +12,7 @@ from prompt_mix.peft import prompt_tuning
 from prompt_mix.t5 import config as config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHAPES = ["--size=tiny", "--batch=2", "--inputs=6", "--prompt=3", "--targets=2", "--steps=2", "--warmup=0",
+SHAPES = ["--size=tiny", "--inputs=6", "--prompt=3", "--targets=2", "--steps=2", "--warmup=0",
           "--matmul_size=64", "--json"]
 
 
@@ -25,24 +25,27 @@ def run_tool(*args: str) -> dict:
   return json.loads(lines[-1][len("RESULT "):])
 
 
-def check_train(r: dict, deltas: tuple) -> None:
-  expected = flops.train_step_flops(config_lib.preset("tiny"), deltas, 2, 6, 2)
+def check_train(r: dict, deltas: tuple, batch: int = 2) -> None:
+  expected = flops.train_step_flops(config_lib.preset("tiny"), deltas, batch, 6, 2)
   assert r["flops_needed"] == expected.total
   assert r["median_s"] > 0 and len(r["times_s"]) == 2 and r["peak_memory"] > 0
   assert r["flops_dots"] >= r["flops_needed"]
 
 
 def test_attempt_versus_prompt_tuning_are_timed_interleaved():
-  r = run_tool("--method=attempt", "--versus=prompt_tuning", "--sources=2")
+  r = run_tool("--batch=2", "--method=attempt", "--versus=prompt_tuning", "--sources=2")
   check_train(r["train"], (attempt.Attempt(library_path="unused", source_names=("a", "b"), prompt_length=3),))
   check_train(r["versus"]["train"], (prompt_tuning.PromptTuning(length=3),))
   assert r["versus"]["method"] == "prompt_tuning" and r["versus"]["paired_ratio"] > 0
 
 
 def test_prompt_tuning_inference_and_mixed_task():
-  r = run_tool("--method=prompt_tuning", "--inference", "--mixed-task")
-  check_train(r["train"], (prompt_tuning.PromptTuning(length=3),))
+  r = run_tool("--batch=8", "--method=prompt_tuning", "--inference", "--mixed-task")
+  check_train(r["train"], (prompt_tuning.PromptTuning(length=3),), batch=8)
   assert r["score"]["median_s"] > 0 and r["greedy"]["generated_tokens_per_s"] > 0
   mixed = r["mixed_task"]
-  check_train(mixed["bank"]["train"], (prompt_tuning.PromptTuning(length=3, num_tasks=8),))
+  check_train(mixed["bank"]["train"], (prompt_tuning.PromptTuning(length=3, num_tasks=8),), batch=8)
   assert mixed["paired_ratio"]["train"] > 0 and mixed["paired_ratio"]["score"] > 0
+  for kind in ("score", "greedy"):
+    serving = mixed["serving"][kind]
+    assert serving["speedup"] > 0 and len(serving["mixed"]["times_s"]) >= 2

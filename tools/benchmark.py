@@ -11,7 +11,8 @@ high-water, `resource.getrusage`; GPU: `peak_bytes_in_use`).
       --prompt=100 --targets=8 --steps=10
   ... --compare-peft      the same shapes with HF PEFT (PyTorch CPU, torch threads = cores), same process
   ... --inference         scoring (`score_batch`) and greedy decoding (`predict_batch`) throughput
-  ... --mixed-task        a bank of 8 prompts (`PromptTuning(num_tasks=8)`, task_ids 0..7) vs one prompt
+  ... --mixed-task        a bank of 8 prompts (`PromptTuning(num_tasks=8)`, task_ids 0..7) vs one prompt,
+                          and a mixed batch served in one call vs task by task
   ... --versus=METHOD     another method's step on the same shapes, timed interleaved, and the ratio
   ... --sweep=prompt      prompt lengths 0..400 (`--sweep=batch`: batch sizes), one subprocess per point
   ... --profile           per-op time of the jitted step (jax.profiler trace), by kind of op
@@ -78,7 +79,8 @@ flags.DEFINE_integer("matmul_size", 2048, "n of the n^3 fp32 matmul that measure
 flags.DEFINE_bool("train", True, "Benchmark the training step.")
 flags.DEFINE_bool("compare-peft", False, "Also time HF PEFT (PyTorch CPU) on the same shapes.")
 flags.DEFINE_bool("inference", False, "Also time scoring and greedy decoding.")
-flags.DEFINE_bool("mixed-task", False, "Also time a mixed-task batch of 8 prompts vs a single prompt.")
+flags.DEFINE_bool("mixed-task", False, "Also time a mixed-task batch of 8 prompts vs a single prompt, "
+                  "and serving it in one call vs task by task.")
 flags.DEFINE_enum("sweep", None, tuple(SWEEPS), "Scaling curve over prompt length or batch size.")
 flags.DEFINE_list("sweep_values", None, "Values of the sweep (default: prompt 0..400, batch 1..32).")
 flags.DEFINE_enum("versus", None, METHODS, "Also time this method's step on the same shapes, the two "
@@ -591,6 +593,15 @@ def run_point(method: str, b: int, m: int, library_dir: str) -> dict:
       one, bank = mixed["single"][kind]["median_s"], mixed["bank"][kind]["median_s"]
       say(f"  {kind:<6} single {1000 * one:.1f} ms, bank {1000 * bank:.1f} ms: bank/single "
           f"{bank / one:.3f} on medians, {mixed['paired_ratio'][kind]:.3f} on the median of per-round ratios")
+    if "serving" in mixed:
+      say(f"serving the same {b} examples of 8 tasks: one mixed batch vs task by task ({b // 8} per call), "
+          "interleaved:")
+      for kind, r in mixed["serving"].items():
+        say(f"  {kind:<6} task by task {1000 * r['task_by_task']['median_s']:.1f} ms, mixed "
+            f"{1000 * r['mixed']['median_s']:.1f} ms: mixed is {r['speedup']:.2f}x faster (median "
+            "per-round ratio)")
+    else:
+      say(f"serving comparison skipped: --batch={b} is not a multiple of the 8 tasks")
 
   if FLAGS["compare-peft"].value:
     if method not in PEFT_METHODS or not deltas:
@@ -619,8 +630,15 @@ def run_point(method: str, b: int, m: int, library_dir: str) -> dict:
 
 
 def mixed_task(config, b: int, n: int, m: int, t: int) -> dict:
-  """A bank of 8 prompts with task_ids 0..7 (cycled over the batch) vs one prompt, same shapes; the two
-  training steps (and the two scorings) are timed interleaved."""
+  """Mixed-task batches, with a bank of 8 prompts (task_ids 0..7 cycled over the batch). Two comparisons,
+  each timed interleaved:
+
+  - 'bank' vs 'single': training and scoring with the bank against one prompt on the same shapes (does the
+    per-example gather cost anything?);
+  - serving: the mixed batch scored and greedily decoded in one call each, against the same examples
+    served task by task (8 calls on the B/8 examples of each task), as a server without mixed-task
+    batches must do.
+  """
   setups, steps, scores = {}, {}, {}
   for name, num_tasks in (("single", None), ("bank", 8)):
     deltas = make_deltas("prompt_tuning", m, n, t, config.emb_dim, None, num_tasks=num_tasks)
@@ -632,11 +650,30 @@ def mixed_task(config, b: int, n: int, m: int, t: int) -> dict:
     scores[name] = functools.partial(lambda f, s: f(s.variables, s.batch).block_until_ready(), score, setup)
   train = interleaved({k: v.call for k, v in steps.items()}, FLAGS.steps, FLAGS.warmup)
   score = interleaved(scores, FLAGS.steps, FLAGS.warmup)
-  return {name: dict(train=bench_train(setups[name], config, FLAGS.steps, FLAGS.warmup,
-                                       train_step=steps[name], timing=train[name]),
-                     score=score[name]) for name in setups} | dict(
-                         paired_ratio=dict(train=train["paired_ratio"]["bank"],
-                                           score=score["paired_ratio"]["bank"]))
+  out = {name: dict(train=bench_train(setups[name], config, FLAGS.steps, FLAGS.warmup,
+                                      train_step=steps[name], timing=train[name]),
+                    score=score[name]) for name in setups}
+  out["paired_ratio"] = dict(train=train["paired_ratio"]["bank"], score=score["paired_ratio"]["bank"])
+  if b % 8 == 0:
+    out["serving"] = serving(setups["bank"], t)
+  return out
+
+
+def serving(setup: Setup, length: int) -> dict:
+  """One mixed-task batch against the same examples task by task: scoring and greedy decoding."""
+  model, variables, batch = setup.model, setup.variables, setup.batch
+  task_ids = np.asarray(batch["task_ids"])
+  per_task = [{k: v[task_ids == k_task] for k, v in batch.items()} for k_task in range(8)]
+  score = jax.jit(model.score_batch)
+  predict = jax.jit(lambda v, x: model.predict_batch(v, x, decoder="greedy", max_decode_length=length)[0])
+  out = {}
+  for kind, f in (("score", score), ("greedy", predict)):
+    calls = {"task_by_task": lambda f=f: [f(variables, x) for x in per_task][-1].block_until_ready(),
+             "mixed": lambda f=f: f(variables, batch).block_until_ready()}
+    timing = interleaved(calls, FLAGS.steps if kind == "score" else max(3, FLAGS.steps // 2), 1)
+    out[kind] = dict(task_by_task=timing["task_by_task"], mixed=timing["mixed"],
+                     speedup=1 / timing["paired_ratio"]["mixed"])
+  return out
 
 
 def run_sweep(kind: str) -> None:
