@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import glob
 import json
 import os
@@ -95,13 +94,7 @@ def matmul_rate(n: int, dtype=jnp.float32, repeats: int = 7) -> float:
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), dtype)
   f = jax.jit(lambda x, y: x @ y)
-  f(a, b).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    f(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2.0 * n ** 3 / best
+  return 2.0 * n ** 3 / time_calls(lambda: f(a, b).block_until_ready(), repeats, 0)["min_s"]
 
 
 def peak_memory_bytes() -> int:
@@ -227,23 +220,13 @@ def build(config: config_lib.T5Config, deltas: tuple, batch: dict, eos_id: int =
 # ------------------------------------------------------------------------------------------ timing
 def time_calls(call: Callable[[], Any], steps: int, warmup: int) -> dict:
   """Times `call()` (which must block): the first call (compilation), `warmup` more, then `steps`."""
-  t0 = time.perf_counter()
-  call()
-  first = time.perf_counter() - t0
-  for _ in range(warmup):
-    call()
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    call()
-    times.append(time.perf_counter() - t0)
-  return dict(first_s=first, median_s=float(np.median(times)), min_s=min(times), max_s=max(times),
-              times_s=times)
+  return interleaved({"call": call}, steps, warmup)["call"]
 
 
 def interleaved(calls: dict[str, Callable[[], Any]], steps: int, warmup: int) -> dict[str, dict]:
   """Times several calls round-robin (the order reversed every other round), so that a change in the
-  machine's load during the run falls on all of them alike. Returns `time_calls`' dict per name, plus
+  machine's load during the run falls on all of them alike. Each call runs once (compilation) and
+  `warmup` times before the rounds. Returns {name: {first_s, median_s, min_s, max_s, times_s}}, plus
   'paired_ratio': {name: median over rounds of (its time / the first call's time in that round)}."""
   first = {}
   for name, call in calls.items():
@@ -259,8 +242,8 @@ def interleaved(calls: dict[str, Callable[[], Any]], steps: int, warmup: int) ->
       t0 = time.perf_counter()
       calls[name]()
       times[name].append(time.perf_counter() - t0)
-  out = {name: dict(first_s=first[name], median_s=float(np.median(ts)), min_s=min(ts), max_s=max(ts),
-                    times_s=ts) for name, ts in times.items()}
+  out: dict[str, Any] = {name: dict(first_s=first[name], median_s=float(np.median(ts)), min_s=min(ts),
+                                    max_s=max(ts), times_s=ts) for name, ts in times.items()}
   base = times[names[0]]
   out["paired_ratio"] = {name: float(np.median(np.asarray(ts) / np.asarray(base))) for name, ts in times.items()}
   return out
@@ -310,13 +293,8 @@ def matmul_floor(hlo_text: str, repeats: int = 7) -> dict:
     rhs = jax.random.normal(jax.random.PRNGKey(1), dot.rhs, dtype)
     numbers = ((dot.lhs_contracting, dot.rhs_contracting), (dot.lhs_batch, dot.rhs_batch))
     f = jax.jit(lambda a, b, numbers=numbers: jax.lax.dot_general(a, b, numbers))
-    for _ in range(3):  # Compilation, then warm caches and the thread pool: the first runs are slow.
-      f(lhs, rhs).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      f(lhs, rhs).block_until_ready()
-      best = min(best, time.perf_counter() - t0)
+    # Two warm-up calls after compilation: the first runs after a step's trace are slow.
+    best = time_calls(lambda: f(lhs, rhs).block_until_ready(), repeats, 2)["min_s"]
     total_s += best * count
     total_flops += dot.flops * count
     rows.append((best * count, count, dot))
@@ -412,9 +390,14 @@ def bench_train(setup: Setup, config, steps: int, warmup: int, profile: bool = F
   return out
 
 
-def bench_score(setup: Setup, config, steps: int, warmup: int) -> dict:
+def score_call(setup: Setup) -> Callable[[], Any]:
+  """`score_batch` of the setup's batch, jitted, as a blocking call."""
   score = jax.jit(setup.model.score_batch)
-  timing = time_calls(lambda: score(setup.variables, setup.batch).block_until_ready(), steps, warmup)
+  return lambda: score(setup.variables, setup.batch).block_until_ready()
+
+
+def bench_score(setup: Setup, config, steps: int, warmup: int) -> dict:
+  timing = time_calls(score_call(setup), steps, warmup)
   b, n = setup.batch["encoder_input_tokens"].shape
   t = setup.batch["decoder_target_tokens"].shape[1]
   needed = flops_lib.forward_flops(config, setup.deltas, b, n, t).total
@@ -646,8 +629,7 @@ def mixed_task(config, b: int, n: int, m: int, t: int) -> dict:
                        np.arange(b) % num_tasks)
     setups[name] = setup = build(config, deltas, batch, eos_id=-1)
     steps[name] = compile_train_step(setup)
-    score = jax.jit(setup.model.score_batch)
-    scores[name] = functools.partial(lambda f, s: f(s.variables, s.batch).block_until_ready(), score, setup)
+    scores[name] = score_call(setup)
   train = interleaved({k: v.call for k, v in steps.items()}, FLAGS.steps, FLAGS.warmup)
   score = interleaved(scores, FLAGS.steps, FLAGS.warmup)
   out = {name: dict(train=bench_train(setups[name], config, FLAGS.steps, FLAGS.warmup,
@@ -668,7 +650,7 @@ def serving(setup: Setup, length: int) -> dict:
   predict = jax.jit(lambda v, x: model.predict_batch(v, x, decoder="greedy", max_decode_length=length)[0])
   out = {}
   for kind, f in (("score", score), ("greedy", predict)):
-    calls = {"task_by_task": lambda f=f: [f(variables, x) for x in per_task][-1].block_until_ready(),
+    calls = {"task_by_task": lambda f=f: jax.block_until_ready([f(variables, x) for x in per_task]),
              "mixed": lambda f=f: f(variables, batch).block_until_ready()}
     timing = interleaved(calls, FLAGS.steps if kind == "score" else max(3, FLAGS.steps // 2), 1)
     out[kind] = dict(task_by_task=timing["task_by_task"], mixed=timing["mixed"],

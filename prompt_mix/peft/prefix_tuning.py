@@ -46,6 +46,7 @@ import flax.linen as nn
 import gin
 import jax.numpy as jnp
 
+from prompt_mix.peft import selection
 from prompt_mix.peft import tasks as tasks_lib
 from prompt_mix.t5 import plugins
 from prompt_mix.t5.config import T5Config
@@ -176,22 +177,10 @@ class PrefixTuning(plugins.Delta):
       raise ValueError(f"{kind}: mlp_hidden ({self.mlp_hidden}) and prefix_embed_dim "
                        f"({self.prefix_embed_dim}) must be positive")
 
-  def _layer_selected(self, site: plugins.Site) -> bool:
-    if self.layers == "all":
-      return True
-    for layer in self.layers:
-      index = layer + site.num_layers if layer < 0 else layer
-      if not 0 <= index < site.num_layers:
-        raise ValueError(f"{type(self).__name__}.layers={self.layers}: {layer} is out of range for the "
-                         f"{site.stack} stack of {site.num_layers} layers")
-      if index == site.layer:
-        return True
-    return False
-
   def acts_at(self, site: plugins.Site) -> bool:
     """True when this delta gives a prefix at attention `site`."""
     return ((site.stack, site.kind) in {ATTENTIONS[a] for a in self.attentions}
-            and self._layer_selected(site))
+            and selection.layer_selected(site, None if self.layers == "all" else self.layers))
 
   def attention_kv(self, site: plugins.Site) -> Optional[nn.Module]:
     if not self.acts_at(site):
