@@ -219,7 +219,8 @@ def require(value: Any, name: str) -> Any:
 
 
 def write_gin_config(model_dir: str, filename: str = "config.gin") -> Optional[str]:
-  """Writes the full gin config to `model_dir/filename` from process 0 (as T5X's `summarize_gin_config`).
+  """Writes the operative gin config (the bindings used so far) to `model_dir/filename` from process 0, as
+  T5X's `summarize_gin_config`; `export` and `eval` read it back to rebuild the run's model.
 
   Returns:
     The path written, or None on other processes.
@@ -230,7 +231,7 @@ def write_gin_config(model_dir: str, filename: str = "config.gin") -> Optional[s
     return None
   path = epath.Path(model_dir) / filename
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(gin.config_str())
+  path.write_text(gin.operative_config_str())
   return str(path)
 
 

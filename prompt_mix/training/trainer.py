@@ -21,6 +21,7 @@ import numpy as np
 import optax
 import seqio
 
+from prompt_mix import gin_utils
 from prompt_mix import partitioning
 from prompt_mix.data import feature_converter as feature_converter_lib
 from prompt_mix.peft import report as report_lib
@@ -134,9 +135,7 @@ def train(model_dir: str = gin.REQUIRED,
   start_step = start_step or 0
   skip = int(restored["data_state"]["batches"]) if restored is not None else 0  # One batch per step.
 
-  gin_config = gin.operative_config_str()
-  with open(os.path.join(model_dir, "config.gin"), "w") as f:
-    f.write(gin_config)
+  gin_utils.write_gin_config(model_dir)
 
   step_fn = step_lib.make_train_step(model, tx)
   batch_sharding = None
