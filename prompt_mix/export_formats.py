@@ -52,13 +52,10 @@ into place (`os.replace`), directories likewise.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from absl import logging
 import flax
@@ -66,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_mix import atomic
 from prompt_mix.peft import lora as lora_lib
 from prompt_mix.peft import prefix_tuning as prefix_lib
 from prompt_mix.peft import prompt_tuning as prompt_lib
@@ -165,50 +163,6 @@ def _string_metadata(metadata: Optional[Mapping[str, Any]], source: str) -> dict
   return out
 
 
-# ------------------------------------------------------------------------------------------ atomic writes
-@contextlib.contextmanager
-def _atomic_file(path: PathLike) -> Iterator[str]:
-  """Yields a temporary path beside `path`; on success it is renamed onto `path` (`os.replace`)."""
-  path = os.fspath(path)
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  os.close(fd)
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-@contextlib.contextmanager
-def _atomic_dir(directory: PathLike) -> Iterator[str]:
-  """Yields a temporary directory beside `directory`; on success it replaces `directory`.
-
-  An existing `directory` is renamed aside, the new one renamed into place, then the old one removed, so a
-  reader sees either the whole old export or the whole new one (never a partly written one).
-  """
-  directory = os.path.abspath(os.fspath(directory))
-  if os.path.exists(directory) and not os.path.isdir(directory):
-    raise ValueError(f"{directory} exists and is not a directory")
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-  try:
-    yield tmp
-    old = None
-    if os.path.exists(directory):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=parent)
-      os.replace(directory, os.path.join(old, "export"))
-    os.replace(tmp, directory)
-    if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------ .npy
 def save_npy(peft: Any, directory: PathLike, method: Union[None, str, plugins.Deltas] = None,
              metadata: Optional[Mapping[str, Any]] = None) -> str:
@@ -226,7 +180,7 @@ def save_npy(peft: Any, directory: PathLike, method: Union[None, str, plugins.De
   if not flat:
     raise ValueError(f"save_npy({directory}): the peft tree has no leaves")
   leaves = []
-  with _atomic_dir(directory) as tmp:
+  with atomic.atomic_dir(directory) as tmp:
     for path, value in flat.items():
       file = f"{path}.npy"
       os.makedirs(os.path.dirname(os.path.join(tmp, file)), exist_ok=True)
@@ -282,7 +236,7 @@ def _write_safetensors(tensors: Mapping[str, np.ndarray], file: PathLike,
                        metadata: Mapping[str, str]) -> None:
   from safetensors import numpy as safetensors_numpy  # pylint: disable=g-import-not-at-top
   arrays = {k: np.array(v, order="C", copy=not v.flags.c_contiguous) for k, v in tensors.items()}  # Keeps 0-d.
-  with _atomic_file(file) as tmp:
+  with atomic.atomic_file(file) as tmp:
     safetensors_numpy.save_file(arrays, tmp, metadata=dict(metadata))
 
 
@@ -383,7 +337,7 @@ def export_prompt_npy(peft: Any, path: PathLike, name: str = "prompt_tuning", st
     raise ValueError(f"{key}: shape {list(value.shape)} is neither [m, d] nor [N, m, d]")
   if task_index is not None:
     value = _task_slice(value, key, value.shape[0] if value.ndim == 3 else None, task_index, 2)
-  with _atomic_file(path) as tmp:
+  with atomic.atomic_file(path) as tmp:
     with open(tmp, "wb") as f:
       np.save(f, value, allow_pickle=False)
   return os.fspath(path)
@@ -503,7 +457,7 @@ def save_peft_adapter(variables: Mapping[str, Any], model: Any, directory: PathL
     ExportError: the method has no exact PEFT counterpart (module docstring); nothing is written.
   """
   adapter_config, tensors = peft_adapter(variables, model, base_model_name_or_path, task_index)
-  with _atomic_dir(directory) as tmp:
+  with atomic.atomic_dir(directory) as tmp:
     with open(os.path.join(tmp, ADAPTER_CONFIG_FILE), "w") as f:
       json.dump(adapter_config, f, indent=2, sort_keys=True)
     _write_safetensors(tensors, os.path.join(tmp, ADAPTER_WEIGHTS_FILE), {"format": "pt"})

@@ -26,6 +26,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from prompt_mix import atomic
+
 FORMAT = "prompt_mix.attempt_attention"
 VERSION = 1
 TARGET_COLUMN = "target"
@@ -120,27 +122,23 @@ def save_attention_table(path: str, table: Any, task_names: Sequence[str], sourc
   if counts is not None and counts.shape != (table.shape[0],):
     raise ValueError(f"{path}: num_examples has shape {counts.shape}, expected ({table.shape[0]},)")
   result = AttentionTable(table, task_names, columns, counts)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = path + ".tmp"
   if path.endswith(".json"):
     payload = dict(format=FORMAT, version=VERSION, task_names=list(task_names),
                    candidate_names=list(columns),
                    mean_attention=[[None if math.isnan(v) else float(v) for v in row] for row in table])
     if counts is not None:
       payload["num_examples"] = counts.tolist()
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic.atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
       json.dump(payload, f, indent=1)
   elif path.endswith(".npz"):
     arrays = dict(format=np.array(FORMAT), version=np.array(VERSION), task_names=np.array(task_names),
                   candidate_names=np.array(columns), mean_attention=table)
     if counts is not None:
       arrays["num_examples"] = counts
-    with open(tmp, "wb") as f:
+    with atomic.atomic_file(path) as tmp, open(tmp, "wb") as f:
       np.savez(f, **arrays)
   else:
     raise ValueError(f"{path}: the attention table is written as .json or .npz")
-  os.replace(tmp, path)
   return result
 
 

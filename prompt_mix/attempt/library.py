@@ -36,32 +36,17 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from prompt_mix import atomic
 
 MANIFEST = "manifest.json"
 FORMAT = "prompt_mix.prompt_library"
 VERSION = 1
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _ENTRY_KEYS = ("name", "file", "shape", "backbone", "task", "note")
-
-
-def _atomic_write(path: str, write) -> None:
-  """Calls `write(file_object)` on a temporary file beside `path`, then renames it onto `path`."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 class PromptLibrary:
@@ -178,7 +163,8 @@ class PromptLibrary:
     entry = dict(name=name, file=f"{name}.npy", shape=list(array.shape), backbone=str(backbone),
                  task=str(task), note=str(note))
     os.makedirs(self.path, exist_ok=True)
-    _atomic_write(os.path.join(self.path, entry["file"]), lambda f: np.save(f, array, allow_pickle=False))
+    with atomic.atomic_file(os.path.join(self.path, entry["file"])) as tmp, open(tmp, "wb") as f:
+      np.save(f, array, allow_pickle=False)
     if existing:
       entries = [entry if e["name"] == name else e for e in entries]
     else:
@@ -197,7 +183,8 @@ class PromptLibrary:
   def _write_manifest(self, entries: list[dict]) -> None:
     manifest = dict(format=FORMAT, version=VERSION, prompts=entries)
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
-    _atomic_write(self.manifest_path, lambda f: f.write(text.encode("utf-8")))
+    with atomic.atomic_file(self.manifest_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
 
 
 def _validate_manifest(manifest: Any, path: str) -> list[dict]:

@@ -19,6 +19,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from prompt_mix import atomic
 from prompt_mix import partitioning
 from prompt_mix.data import feature_converter as feature_converter_lib
 from prompt_mix.data import task_ids as task_ids_lib
@@ -85,10 +86,8 @@ def infer(model_dir: str = gin.REQUIRED,
 
   output_file = output_file or os.path.join(model_dir, "infer",
                                             f"{mixture_or_task_name}-{split}-{step}.jsonl")
-  os.makedirs(os.path.dirname(output_file), exist_ok=True)
-  tmp = output_file + ".tmp"
   count = 0
-  with open(tmp, "w") as f:
+  with atomic.atomic_file(output_file) as tmp, open(tmp, "w") as f:
     feature_batches = features.batch(batch_size).as_numpy_iterator()
     for batch, text in zip(feature_batches, texts.batch(batch_size).as_numpy_iterator()):
       n = len(text["task_id"])
@@ -106,7 +105,6 @@ def infer(model_dir: str = gin.REQUIRED,
           row["attention"] = np.asarray(attention[0][b]).tolist()
         f.write(json.dumps(row) + "\n")
         count += 1
-  os.replace(tmp, output_file)
   logging.info("Wrote %d predictions of step %d to %s", count, step, output_file)
   print(output_file)
   return output_file
