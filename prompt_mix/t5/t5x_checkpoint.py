@@ -31,6 +31,7 @@ from etils import epath
 from flax import serialization
 import numpy as np
 
+from prompt_mix import atomic
 from prompt_mix.t5.param_tree import CheckpointError
 from prompt_mix.t5.param_tree import flatten
 from prompt_mix.t5.param_tree import to_float32
@@ -293,8 +294,7 @@ def write_msgpack_backbone(params: Mapping[str, Any], directory: str | os.PathLi
   tree = {"version": 3, "optimizer": {
       "target": unflatten({k: np.asarray(v, np.float32) for k, v in flatten(params).items()}),
       "state": {"step": np.asarray(step, np.int32)}}}
-  tmp = ckpt_dir / "checkpoint.tmp"
-  tmp.write_bytes(serialization.msgpack_serialize(tree))
-  os.replace(tmp, ckpt_dir / "checkpoint")
+  with atomic.atomic_file(ckpt_dir / "checkpoint") as tmp, open(tmp, "wb") as f:
+    f.write(serialization.msgpack_serialize(tree))
   logging.info("Wrote a T5X checkpoint to %s", ckpt_dir)
   return os.fspath(ckpt_dir)
