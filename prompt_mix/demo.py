@@ -1,7 +1,7 @@
 """The ATTEMPT workflow end to end on a fresh machine, on synthetic data: `python -m prompt_mix.demo`.
 
 Every step runs the binaries and gin files a user runs (`python -m prompt_mix.train|eval|export`,
-`gin_configs/demo/*.gin`), on CPU, with no download:
+`prompt_mix/configs/demo/*.gin`), on CPU, with no download:
 
   1. pre-train a toy T5 (full fine-tuning from random weights) on synthetic tasks that name their function
      (`"max: cabd"` -> `d`), then export it as a T5X checkpoint: the frozen backbone of every later step;

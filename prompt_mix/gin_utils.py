@@ -5,7 +5,7 @@ Importing this module defines the absl flags
   --gin_file          (repeatable) gin files, parsed in order; relative paths are looked up in the search paths
   --gin_bindings      (repeatable) single bindings applied after the files, e.g. `--gin_bindings='X = 1'`
   --gin_search_paths  comma-separated directories for `--gin_file` and `include`; by default the current
-                      directory and the repository's `gin_configs/`
+                      directory and the package's own `prompt_mix/configs/` (models/, methods/, runs/, demo/)
 
 and `run(main)` accepts T5X's shorthand `--gin.NAME=VALUE`, rewritten to `--gin_bindings=NAME = VALUE`.
 As in T5X, VALUE is a gin literal, so strings need quotes: `--gin.MODEL_DIR=\\"/tmp/run\\"` in a shell
@@ -41,14 +41,14 @@ import gin
 from gin import config as gin_config
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
-# The repository's `gin_configs/` (the package is installed editable from the repository), and a `gin/`
-# directory inside the package should gin files ever be shipped as package data.
-_CANDIDATE_SEARCH_PATHS = (_PACKAGE_DIR.parent / "gin_configs", _PACKAGE_DIR / "gin")
+# The gin files shipped inside the package (package data, so a wheel install has them too), the way T5X
+# finds its own `t5x/configs`.
+CONFIG_DIR = _PACKAGE_DIR / "configs"
 
 
 def default_gin_search_paths() -> list[str]:
-  """`['.', <repo>/gin_configs]`, keeping only directories that exist (plus '.')."""
-  return ["."] + [str(p) for p in _CANDIDATE_SEARCH_PATHS if p.is_dir()]
+  """`['.', <package>/configs]`: the current directory, then the gin files installed with the package."""
+  return [".", str(CONFIG_DIR)]
 
 
 GIN_FILES = flags.DEFINE_multi_string(

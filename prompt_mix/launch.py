@@ -39,7 +39,7 @@ REGISTERED_MODULES = (
     "prompt_mix.peft.bitfit",
     "prompt_mix.peft.mam",
     "prompt_mix.peft.full_finetune",
-    "prompt_mix.attempt.attempt",
+    "prompt_mix.peft.attempt",
     "prompt_mix.data.feature_converter",
     "prompt_mix_tasks",
 )

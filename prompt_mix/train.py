@@ -1,6 +1,6 @@
 """Trains a method on a frozen T5: `python -m prompt_mix.train --gin_file=... --gin.MODEL_DIR=...`.
 
-See `gin_configs/runs/finetune.gin` for the macros (MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
+See `prompt_mix/configs/runs/finetune.gin` for the macros (MODEL_DIR, MIXTURE_OR_TASK_NAME, TASK_FEATURE_LENGTHS,
 TRAIN_STEPS, BATCH_SIZE, INITIAL_CHECKPOINT_PATH, EVAL_PERIOD, ...).
 """
 

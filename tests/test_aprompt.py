@@ -3,7 +3,6 @@ deep-prompt replacement, parameter counts on T5-base shapes, and the gin files."
 
 import dataclasses
 import functools
-import pathlib
 
 import flax.linen as nn
 import gin
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 import method_checks as mc
+from prompt_mix import gin_utils
 from prompt_mix.peft import aprompt as aprompt_lib
 from prompt_mix.peft.aprompt import APrompt
 from prompt_mix.t5 import config as config_lib
@@ -21,8 +21,7 @@ from prompt_mix.t5 import model as model_lib
 from prompt_mix.t5 import network
 from prompt_mix.t5 import plugins
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-GIN_DIR = ROOT / "gin_configs" / "methods"
+GIN_DIR = gin_utils.CONFIG_DIR / "methods"
 
 # Tiny lengths: 2 rows + 6 input tokens = 8 < N = 10 encoder positions; 2 decoder rows + 5 decoded tokens
 # = 7 < 8 decoder positions.

@@ -3,7 +3,6 @@ frozen source library, parameter counts on T5-base shapes, ATTEMPT-m, loading a 
 files, and a small transfer experiment where the attention finds the matching source prompt."""
 
 import math
-import pathlib
 
 import flax.linen as nn
 import gin
@@ -13,8 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from prompt_mix.attempt import attempt as attempt_lib
-from prompt_mix.attempt import gate as gate_lib
+from prompt_mix import gin_utils
+from prompt_mix.peft import attempt as attempt_lib
+from prompt_mix.peft import attempt_gate as gate_lib
 from prompt_mix.attempt import library as library_lib
 from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import model as model_lib
@@ -24,7 +24,6 @@ from prompt_mix.training import step as step_lib
 
 import method_checks
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 M, D = 3, 8  # Prompt length and the tiny backbone's d_model.
 SOURCES = ("a", "b", "c")
 
@@ -380,9 +379,9 @@ def test_gin_files_build_the_delta(name, tmp_path):
     lib.add(source, rng.normal(size=(100, D)).astype(np.float32), task=source)
   gin.clear_config()
   try:
-    gin.add_config_file_search_path(str(ROOT / "gin_configs"))
+    gin.add_config_file_search_path(str(gin_utils.CONFIG_DIR))
     gin.parse_config_files_and_bindings(
-        [str(ROOT / "gin_configs" / "models" / "tiny.gin"), str(ROOT / "gin_configs" / "methods" / name)],
+        [str(gin_utils.CONFIG_DIR / "models" / "tiny.gin"), str(gin_utils.CONFIG_DIR / "methods" / name)],
         [f"PROMPT_LIBRARY = '{lib.path}'", "NUM_TASKS = 3", "_attempt_test_deltas.deltas = %DELTAS"])
     (delta,) = _attempt_test_deltas()
     model = model_lib.EncoderDecoderModel()  # As the binaries build it: models/*.gin bind %DELTAS.

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from prompt_mix import flops
-from prompt_mix.attempt import attempt
+from prompt_mix.peft import attempt
 from prompt_mix.peft import prompt_tuning
 from prompt_mix.t5 import config as config_lib
 

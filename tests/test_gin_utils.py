@@ -50,8 +50,8 @@ def test_include_resolves_through_search_paths(tmp_path):
       _toy_train.model_dir = %MODEL_DIR
       _toy_train.train_steps = %TRAIN_STEPS
       """)
-  # A name no other search path has: gin's search paths are process-wide, and the repository's
-  # gin_configs/ (added by other tests in this process) has a models/base.gin.
+  # A name no other search path has: gin's search paths are process-wide, and the package's
+  # configs/ (added by other tests in this process) has a models/base.gin.
   _write(run_dir / "runs" / "short.gin", """
       include 'models/toy_base.gin'
       TRAIN_STEPS = 5
@@ -114,10 +114,10 @@ def test_bad_binding_names_it_and_hints_at_quotes():
   assert "string values need quotes: --gin.MODEL_DIR='\"/tmp/x\"'" in message
 
 
-def test_default_search_paths_include_repo_gin_configs():
-  assert gin_utils.default_gin_search_paths()[0] == "."
-  if (ROOT / "gin_configs").is_dir():
-    assert str(ROOT / "gin_configs") in gin_utils.default_gin_search_paths()
+def test_default_search_paths_are_the_cwd_then_the_package_configs():
+  assert gin_utils.default_gin_search_paths() == [".", str(gin_utils.CONFIG_DIR)]
+  for folder in ("models", "methods", "runs", "demo"):
+    assert (gin_utils.CONFIG_DIR / folder).is_dir(), folder
 
 
 _BINARY = r"""

@@ -1,6 +1,5 @@
 """Prefix tuning and P-tuning v2: the method checks, sites, baking, parameter counts and gin."""
 
-import pathlib
 
 import flax.linen as nn
 import gin
@@ -8,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from prompt_mix import gin_utils
 from prompt_mix.peft import prefix_tuning as px
 from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import model as model_lib
@@ -15,7 +15,6 @@ from prompt_mix.t5 import network
 
 import method_checks
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def prefix(**kw):
@@ -183,7 +182,7 @@ def prefix_tuning_test_deltas(deltas=gin.REQUIRED):
 def test_gin_file_builds_the_deltas(name, cls, length):
   gin.clear_config()
   try:
-    gin.parse_config_files_and_bindings([str(ROOT / "gin_configs" / "methods" / f"{name}.gin")],
+    gin.parse_config_files_and_bindings([str(gin_utils.CONFIG_DIR / "methods" / f"{name}.gin")],
                                         ["prefix_tuning_test_deltas.deltas = %DELTAS"])
     deltas = prefix_tuning_test_deltas()
   finally:

@@ -1,7 +1,6 @@
 """Prompt tuning: the method checks, the four inits, masks, parameter counts, gin, and HF PEFT parity."""
 
 import dataclasses
-import pathlib
 
 import flax.linen as nn
 import gin
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from prompt_mix import gin_utils
 from prompt_mix.peft import prompt_tuning as pt
 from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import model as model_lib
@@ -18,7 +18,6 @@ from prompt_mix.t5 import network
 from conftest import shared_path
 import method_checks
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def prompt(**kw):
@@ -252,7 +251,7 @@ def prompt_tuning_test_deltas(deltas=gin.REQUIRED):
 def test_gin_file_builds_the_deltas():
   gin.clear_config()
   try:
-    gin.parse_config_files_and_bindings([str(ROOT / "gin_configs" / "methods" / "prompt_tuning.gin")],
+    gin.parse_config_files_and_bindings([str(gin_utils.CONFIG_DIR / "methods" / "prompt_tuning.gin")],
                                         ["prompt_tuning_test_deltas.deltas = %DELTAS",
                                          "PROMPT_LENGTH = 7"])
     deltas = prompt_tuning_test_deltas()

@@ -1,12 +1,12 @@
 """Parameter counts of the unified-view methods on T5 v1.0 base (eval_shape, no allocation), and gin."""
 
-import pathlib
 
 import flax.linen as nn
 import gin
 import numpy as np
 import pytest
 
+from prompt_mix import gin_utils
 from prompt_mix.peft import adapters
 from prompt_mix.peft import bitfit
 from prompt_mix.peft import full_finetune
@@ -19,7 +19,6 @@ from prompt_mix.t5 import network
 
 import method_checks as checks
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 BASE = config_lib.preset("t5_base")
 d, hkv, d_ff, L = BASE.emb_dim, BASE.num_heads * BASE.head_dim, BASE.mlp_dim, BASE.num_encoder_layers
 ATTENTIONS, FFNS = 3 * L, 2 * L  # Encoder self + decoder self + cross per layer pair; one FFN per layer.
@@ -119,7 +118,7 @@ def test_gin_file_builds_the_deltas(name):
   gin.clear_config()
   try:
     gin.parse_config_files_and_bindings(
-        [str(ROOT / "gin_configs" / "methods" / f"{name}.gin")],
+        [str(gin_utils.CONFIG_DIR / "methods" / f"{name}.gin")],
         ["unified_view_test_deltas.deltas = %DELTAS"])
     deltas = tuple(unified_view_test_deltas())
   finally:

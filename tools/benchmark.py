@@ -139,7 +139,7 @@ def load_average() -> float:
 def make_deltas(method: str, prompt: int, inputs: int, targets: int, d_model: int,
                 library_dir: Optional[str], num_tasks: Optional[int] = None) -> tuple:
   """The deltas of `--method` (an empty tuple for prompt length 0 on a prompt method)."""
-  from prompt_mix.attempt import attempt  # pylint: disable=g-import-not-at-top
+  from prompt_mix.peft import attempt  # pylint: disable=g-import-not-at-top
   from prompt_mix.attempt import library as library_lib  # pylint: disable=g-import-not-at-top
   from prompt_mix.peft import adapters, aprompt, bitfit, full_finetune, lora, mam  # pylint: disable=g-import-not-at-top,g-multiple-import
   from prompt_mix.peft import prefix_tuning, prompt_tuning  # pylint: disable=g-import-not-at-top,g-multiple-import

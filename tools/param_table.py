@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from prompt_mix import gin_utils
 import prompt_mix.peft
 from prompt_mix.peft import report as report_lib
 from prompt_mix.t5 import config as config_lib
@@ -36,7 +37,7 @@ from prompt_mix.t5 import plugins
 _PRESET = flags.DEFINE_string("preset", "t5_base", "Backbone preset (prompt_mix.t5.config.PRESETS).")
 _UPDATE = flags.DEFINE_string("update", None, "A Markdown file whose table between the markers is replaced.")
 
-METHODS_DIR = pathlib.Path(__file__).resolve().parent.parent / "gin_configs" / "methods"
+METHODS_DIR = pathlib.Path(gin_utils.CONFIG_DIR) / "methods"
 BEGIN, END = "<!-- param_table:begin -->", "<!-- param_table:end -->"
 
 
@@ -114,7 +115,7 @@ def discovered_examples(listed: Sequence[Example]) -> list[Example]:
 
 
 def _gin_file(attr: str, module: str) -> str:
-  """The method's gin file under gin_configs/methods (snake-cased class name, or the module's), or ''."""
+  """The method's gin file under prompt_mix/configs/methods (snake-cased class name, or the module's), or ''."""
   snake = "".join("_" + c.lower() if c.isupper() and i and not attr[i - 1].isupper() else c.lower()
                   for i, c in enumerate(attr))
   for name in (snake, module):

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prompt_mix.attempt import gate as gate_lib
+from prompt_mix.peft import attempt_gate as gate_lib
 from prompt_mix.attempt import library as library_lib
 from prompt_mix.peft import selection
 from prompt_mix.peft import tasks
