@@ -677,17 +677,21 @@ def peft_adapter_delta(directory: PathLike, config: T5Config, *, name: Optional[
   elif peft_type == "PREFIX_TUNING":
     depth = int(adapter_config["num_layers"])
     candidates = [prefix_lib.PTuningV2(length=int(adapter_config["num_virtual_tokens"]),
-                                       attentions=("decoder_self",), layers=tuple(range(depth)),
+                                       stacks=("decoder",), attentions=("self_attention",),
                                        name=name or "p_tuning_v2")]
   else:
     candidates = _lora_deltas(flat, adapter_config, config, name or "lora")
   found = {k: tuple(v.shape) for k, v in flat.items()}
   batch = {k: jnp.ones((1, 4), jnp.int32) for k in ("encoder_input_tokens", "decoder_input_tokens",
                                                      "decoder_target_tokens")}
+  expected = {}
   for delta in candidates:
     model = model_lib.EncoderDecoderModel(config, (delta,))
-    expected = {k: tuple(v.shape) for k, v in
-                model_lib.flatten(_unbox(model.abstract_init(batch)["peft"])).items()}
+    try:
+      expected = {k: tuple(v.shape) for k, v in
+                  model_lib.flatten(_unbox(model.abstract_init(batch)["peft"])).items()}
+    except ValueError:  # A candidate selection that does not fit this backbone's depths.
+      continue
     if expected == found:
       return delta
   diff = sorted(set(expected.items()) ^ set(found.items()))
@@ -723,7 +727,7 @@ def _lora_deltas(flat: Mapping[str, np.ndarray], adapter_config: Mapping[str, An
     elif module == "encoder_decoder_attention":
       attentions.add("cross_attention")
   depth = {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
-  selections = [None]
+  selections = ["all"]
   if any(used and used != set(range(depth[s])) for s, used in layers.items()):
     positive = {i for used in layers.values() for i in used}
     mixed = {i if i < depth[s] / 2 else i - depth[s] for s, used in layers.items() for i in used}

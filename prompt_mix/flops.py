@@ -171,7 +171,7 @@ class _Walk:
     """A backbone projection on `[B, rows, fin]` and its plug-ins; returns the output's dependent rows."""
     self.matmul(f"{where}/{name}", kind, self.batch, rows, fin, fout, self._rows(dep, rows), self.full)
     out = dep
-    for module in plugins.modules(self.deltas, "projection", site, name):
+    for module in plugins.modules(self.deltas, "projection", site.at(name, fin, fout)):
       cls = type(module).__name__
       if cls == "LoraModule":  # s * (x A) B: dA, d(xA), dB always; dX where x depends.
         r = module.rank
@@ -268,7 +268,7 @@ class _Walk:
     """
     cfg = self.cfg
     n_layers = cfg.num_encoder_layers if stack == "encoder" else cfg.num_decoder_layers
-    site = plugins.Site(stack, layer, kind, n_layers)
+    site = plugins.site(cfg, stack, layer, kind)
     where = f"{stack}/layers_{layer}/{name}"
     d, hk = cfg.emb_dim, cfg.num_heads * cfg.head_dim
     if kv_rows is None:
@@ -290,7 +290,7 @@ class _Walk:
   def mlp_block(self, stack: str, layer: int, rows: float, dep_x: float) -> float:
     cfg = self.cfg
     n_layers = cfg.num_encoder_layers if stack == "encoder" else cfg.num_decoder_layers
-    site = plugins.Site(stack, layer, "mlp", n_layers)
+    site = plugins.site(cfg, stack, layer, "mlp")
     where = f"{stack}/layers_{layer}/mlp"
     names = ("wi",) if len(cfg.mlp_activations) == 1 else tuple(
         f"wi_{i}" for i in range(len(cfg.mlp_activations)))
@@ -301,7 +301,7 @@ class _Walk:
 
   def input_rows(self, stack: str, n_layers: int) -> tuple[int, int]:
     """(rows prepended at the stack input, how many of them depend on trainable leaves)."""
-    site = plugins.Site(stack, -1, "input", n_layers)
+    site = plugins.site(self.cfg, stack, -1, "input")
     rows = dep = 0
     for module in plugins.modules(self.deltas, "input_rows", site):
       cls = type(module).__name__
@@ -319,7 +319,7 @@ class _Walk:
     return rows, dep
 
   def hidden_rows(self, stack: str, layer: int, n_layers: int, rows: float, dep_x: float) -> float:
-    site = plugins.Site(stack, layer, "layer", n_layers)
+    site = plugins.site(self.cfg, stack, layer, "layer")
     for module in plugins.modules(self.deltas, "hidden_rows", site):
       if type(module).__name__ != "DeepPrompt":
         raise ValueError(f"flops: no formula for the hidden_rows plug-in {type(module).__name__}")
@@ -391,7 +391,7 @@ class _Walk:
                   self._rows(dep, rows), self.full)
     else:
       n = cfg.num_decoder_layers
-      self.dense(plugins.Site("decoder", n, "logits", n), "logits_dense", "decoder", rows, dep,
+      self.dense(plugins.site(cfg, "decoder", n, "logits"), "logits_dense", "decoder", rows, dep,
                  cfg.emb_dim, cfg.vocab_size, kind="logits")
 
 
@@ -428,7 +428,7 @@ def decode_flops(config: T5Config, deltas: plugins.Deltas, batch: int, inputs: i
   # Cross-attention keys and values, once.
   hk = cfg.num_heads * cfg.head_dim
   for i in range(n_layers):
-    site = plugins.Site("decoder", i, "cross_attention", n_layers)
+    site = plugins.site(cfg, "decoder", i, "cross_attention")
     where = f"decoder/layers_{i}/encoder_decoder_attention"
     walk.dense(site, "key", where, enc_rows, 0, cfg.emb_dim, hk)
     walk.dense(site, "value", where, enc_rows, 0, cfg.emb_dim, hk)
@@ -507,4 +507,4 @@ def hlo_dot_flops(hlo_text: str) -> float:
 
 def describe(deltas: Sequence[plugins.Delta]) -> str:
   """A short name of a method for tables."""
-  return "+".join(type(d).__name__ for d in deltas) or "backbone"
+  return plugins.describe(deltas)

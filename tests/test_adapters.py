@@ -56,9 +56,10 @@ def test_fresh_adapters_give_exactly_the_backbone():
 def _apply(delta_module, x_normed, y, seed=0):
   """Initializes and applies one adapter module alone; returns (output, flat peft leaves)."""
   ctx = plugins.Context(task_ids=None, embedding=jnp.zeros((1, 1)), batch_size=x_normed.shape[0])
-  variables = delta_module.init(jax.random.PRNGKey(seed), x_normed, y, ctx)
+  residual = x_normed + 1.0  # The sublayer's residual input (the adapters here do not read it).
+  variables = delta_module.init(jax.random.PRNGKey(seed), residual, x_normed, y, ctx)
   peft = jax.tree_util.tree_map(lambda v: v + 0.1, nn.unbox(variables["peft"]))  # Non-zero `up`.
-  return delta_module.apply({"peft": peft}, x_normed, y, ctx), model_lib.flatten(peft)
+  return delta_module.apply({"peft": peft}, residual, x_normed, y, ctx), model_lib.flatten(peft)
 
 
 @pytest.mark.parametrize("parallel,scale", [(False, 1.0), (True, 1.0), (True, 4.0)])
@@ -76,7 +77,7 @@ def test_init_follows_he_et_al():
   x = jnp.ones((1, 2, 64))
   module = adapters.AdapterModule(16)
   ctx = plugins.Context(task_ids=None, embedding=jnp.zeros((1, 1)), batch_size=1)
-  p = model_lib.flatten(nn.unbox(module.init(jax.random.PRNGKey(0), x, x, ctx)["peft"]))
+  p = model_lib.flatten(nn.unbox(module.init(jax.random.PRNGKey(0), x, x, x, ctx)["peft"]))
   assert np.all(p["up/kernel"] == 0) and np.all(p["up/bias"] == 0) and np.all(p["down/bias"] == 0)
   bound = 1 / np.sqrt(64)  # kaiming_uniform(a=sqrt(5)) of a [64 -> 16] Linear.
   assert np.abs(p["down/kernel"]).max() <= bound and np.abs(p["down/kernel"]).max() > 0.8 * bound
@@ -119,7 +120,7 @@ def test_bad_options_name_the_value():
     adapters.HoulsbyAdapter(init="xavier")
   with pytest.raises(ValueError, match="HoulsbyAdapter.layers is empty"):
     adapters.HoulsbyAdapter(layers=[])
-  with pytest.raises(ValueError, match="'last' is not a layer index"):
+  with pytest.raises(ValueError, match=r"HoulsbyAdapter.layers=\('last',\): expected \('first', k\) or \('last', k\)"):
     adapters.HoulsbyAdapter(layers=["last"])
   with pytest.raises(ValueError, match="5 is out of range for the encoder stack of 2 layers"):
     _peft_paths(adapters.HoulsbyAdapter(layers=(5,)))

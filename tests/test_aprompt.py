@@ -14,6 +14,7 @@ import pytest
 import method_checks as mc
 from prompt_mix import gin_utils
 from prompt_mix.peft import aprompt as aprompt_lib
+from prompt_mix.peft import selection
 from prompt_mix.peft.aprompt import APrompt
 from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import layers
@@ -41,13 +42,13 @@ def _side_by_side(num_tasks=None):
   """The ablations as one method (distinct module names): one compiled model checks them all.
 
   Their rows sit side by side: no_qk, no_kv, no_attention and last_layer put 2 rows each at offsets 0, 2,
-  4, 6 (so last_layer hides rows 6..7 in layer 0: `row_offset=6`); 8 rows + 6 tokens, 8 decoder rows + 5
-  tokens, so N = 16 for both.
+  4, 6 (so last_layer hides rows 6..7 in layer 0: the backbone hands it that span); 8 rows + 6 tokens,
+  8 decoder rows + 5 tokens, so N = 16 for both.
   """
   deltas = []
   for name, delta in ABLATIONS.items():
     deltas.append(dataclasses.replace(delta, name_prefix=name, max_length=16, decoder_max_length=16,
-                                      num_tasks=num_tasks, row_offset=6 if name == "last_layer" else 0))
+                                      num_tasks=num_tasks))
   return tuple(deltas)
 
 
@@ -165,7 +166,7 @@ def test_query_key_term_matches_numpy(kind):
   h, dk = cfg.num_heads, cfg.head_dim
   delta = APrompt(input_length=0, qk_length=3, kv_length=0, max_length=4, decoder_max_length=2)
   stack = "encoder" if kind == "attention" else "decoder"
-  site = plugins.Site(stack, 0, kind, 2)
+  site = plugins.site(cfg, stack, 0, kind)
   attention = layers.Attention(cfg, site, (delta,))
   rng = np.random.RandomState(0)
   b, n = 2, 6
@@ -242,8 +243,8 @@ def test_deep_prompt_replaces_the_rows():
       cfg.num_heads, cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance,
       bidirectional=True).apply({"params": params["encoder"]["relpos_bias"]}, positions, positions)
   ctx = plugins.Context(task_ids=None, embedding=params["token_embedder"]["embedding"],
-                        batch_size=tokens.shape[0])
-  layer1 = network.EncoderLayer(cfg, 1, (delta,), row_spans=((0, m),))
+                        batch_size=tokens.shape[0], spans=((0, m),))
+  layer1 = network.EncoderLayer(cfg, 1, (delta,))
   layer_vars = {"params": params["encoder"]["layers_1"], "peft": peft["encoder"]["layers_1"]}
   run = jax.jit(lambda x: layer1.apply(layer_vars, x, attn_mask, bias, positions, ctx))
   np.testing.assert_allclose(np.asarray(run(jnp.asarray(x0))), outputs[1], rtol=1e-5, atol=1e-5)
@@ -347,14 +348,14 @@ def test_kv_ratio_lengths_at_a_fixed_budget():
 
 # ------------------------------------------------------------------------------ configuration
 def test_layer_selection_and_errors():
-  assert aprompt_lib.chosen_layers("all", 3) == {0, 1, 2}
-  assert aprompt_lib.chosen_layers(("first", 2), 12) == {0, 1}
-  assert aprompt_lib.chosen_layers(("last", 2), 12) == {10, 11}
-  assert aprompt_lib.chosen_layers((0, -1), 12) == {0, 11}
+  assert selection.chosen_layers("all", 3) == {0, 1, 2}
+  assert selection.chosen_layers(("first", 2), 12) == {0, 1}
+  assert selection.chosen_layers(("last", 2), 12) == {10, 11}
+  assert selection.chosen_layers((0, -1), 12) == {0, 11}
   with pytest.raises(ValueError, match="encoder stack of 2 layers"):
-    aprompt_lib.chosen_layers((5,), 2, "encoder")
+    selection.chosen_layers((5,), 2, "encoder")
   with pytest.raises(ValueError, match="only 2 layers"):
-    aprompt_lib.chosen_layers(("last", 3), 2, "decoder")
+    selection.chosen_layers(("last", 3), 2, "decoder")
   with pytest.raises(ValueError, match="all 0"):
     APrompt(input_length=0, qk_length=0, kv_length=0)
   with pytest.raises(ValueError, match="'middle'"):

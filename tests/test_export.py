@@ -214,7 +214,7 @@ def test_pytorch_prompt_adapters_initialize_ours(tmp_path, peft_type):
 @pytest.mark.parametrize("targets", [("query", "value"), ("key", "out", "wi_0", "wo", "logits_dense")])
 def test_lora_adapter_loads_in_pytorch_peft(tmp_path, targets):
   batch = make_batch()
-  delta = lora_lib.LoRA(rank=3, alpha=6.0, targets=targets, layers=(0, -1) if "key" in targets else None)
+  delta = lora_lib.LoRA(rank=3, alpha=6.0, targets=targets, layers=(0, -1) if "key" in targets else "all")
   model = model_lib.EncoderDecoderModel(CONFIG, (delta,))
   variables = init(model, batch)
   out = ef.save_peft_adapter(variables, model, tmp_path / "adapter")
@@ -294,7 +294,8 @@ def test_decoder_prefix_differs_from_peft_only_by_the_position_bias(tmp_path, re
   relative position bias is zero, and differs as soon as it is not (HF biases the prefix keys)."""
   config = dataclasses.replace(CONFIG, num_encoder_layers=3, num_decoder_layers=3)
   batch = make_batch()
-  delta = prefix_lib.PrefixTuning(length=3, attentions=("decoder_self",), reparameterize=reparameterize,
+  delta = prefix_lib.PrefixTuning(length=3, stacks=("decoder",), attentions=("self_attention",),
+                                  reparameterize=reparameterize,
                                   mlp_hidden=8)
   model = model_lib.EncoderDecoderModel(config, (delta,))
   variables = init(model, batch)
@@ -328,7 +329,8 @@ def test_decoder_prefix_differs_from_peft_only_by_the_position_bias(tmp_path, re
   assert ef.flatten_leaves(tree).keys() == expected.keys()
   for key, value in ef.flatten_leaves(tree).items():
     np.testing.assert_array_equal(value, np.asarray(expected[key], np.float32))
-  assert isinstance(flat_delta, prefix_lib.PTuningV2) and flat_delta.attentions == ("decoder_self",)
+  assert isinstance(flat_delta, prefix_lib.PTuningV2)
+  assert (flat_delta.stacks, flat_delta.attentions) == (("decoder",), ("self_attention",))
 
 
 # ------------------------------------------------------------------------------------ restoring

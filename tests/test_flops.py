@@ -161,11 +161,11 @@ def test_xla_executes_exactly_the_counted_dots(name):
 
 def test_unknown_plugin_is_named():
   class Odd(nn.Module):
-    def __call__(self, x, ctx):
-      return x
+    def __call__(self, x, y, ctx):
+      return y
 
   class OddDelta(prompt_tuning.plugins.Delta):
-    def projection(self, site, name):
+    def projection(self, site):
       return Odd()
 
   with pytest.raises(ValueError, match="no formula for the projection plug-in Odd"):

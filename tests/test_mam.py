@@ -39,7 +39,7 @@ def _random_method_variables(deltas, batch, scale=0.05, seed=1):
 def test_mam_is_prefix_plus_scaled_parallel_adapter():
   prefix, adapter = mam.mam_adapter()
   assert isinstance(prefix, prefix_tuning.PrefixTuning) and prefix.length == 30
-  assert prefix.attentions == ("encoder", "decoder_self", "cross")
+  assert prefix.attentions == ("attention",) and prefix.stacks == ("encoder", "decoder")
   assert isinstance(adapter, adapters.ScaledParallelAdapter)
   assert (adapter.bottleneck, adapter.scale, adapter.sublayers) == (512, 4.0, ("mlp",))
   paths = set(model_lib.flatten(checks.make_model(_mam()).abstract_init(checks.make_batch())["peft"]))

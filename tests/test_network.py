@@ -110,9 +110,34 @@ def test_bfloat16_activations_keep_float32_params():
   variables = method_checks.init(model, batch)
   assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(variables["params"]))
   logits = model.logits(variables, batch)
-  assert logits.dtype == jnp.bfloat16
+  assert logits.dtype == jnp.float32  # T5X computes the output layer in float32 (see below).
   reference = method_checks.make_model(()).logits(variables, batch)
   np.testing.assert_allclose(np.asarray(logits, np.float32), reference, atol=0.15, rtol=0.05)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_bfloat16_logits_are_computed_in_float32_as_t5x(tied):
+  """T5X: `Embed(attend_dtype=float32)` and `logits_dense` with dtype float32 under bfloat16 activations.
+
+  The reference restated from T5X: the decoder's (bfloat16) output cast to float32, times the float32
+  embedding (/ sqrt(d), tied) or the float32 `logits_dense` kernel (untied), in float32.
+  """
+  batch = method_checks.make_batch()
+  model = method_checks.make_model((), dtype="bfloat16", logits_via_embedding=tied)
+  variables = method_checks.init(model, batch)
+  logits, state = model.module.apply(
+      variables, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+      batch["decoder_target_tokens"], enable_dropout=False, capture_intermediates=True,
+      mutable=["intermediates"])
+  decoder_out = state["intermediates"]["decoder"]["decoder_norm"]["__call__"][0]
+  assert decoder_out.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+  x = np.asarray(decoder_out, np.float32)
+  params = variables["params"]
+  if tied:
+    expected = x @ np.asarray(params["token_embedder"]["embedding"]).T / np.sqrt(np.float32(x.shape[-1]))
+  else:
+    expected = x @ np.asarray(params["decoder"]["logits_dense"]["kernel"])
+  np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_loss_options():

@@ -60,21 +60,22 @@ def test_loss_goes_down(make):
   method_checks.check_loss_goes_down((make(length=4),), steps=60)
 
 
-def test_sites_follow_attentions_and_layers():
-  model = method_checks.make_model((p_tuning_v2(attentions=["cross", "encoder"], layers=[-1]),),
-                                   num_decoder_layers=3)
+@pytest.mark.parametrize("where, expected", [
+    (dict(attentions=["cross_attention"]), ["decoder/layers_2/encoder_decoder_attention"]),
+    (dict(attentions=["self_attention"], stacks=["encoder"]), ["encoder/layers_1/attention"]),
+    (dict(attentions=["self_attention"]), ["decoder/layers_2/self_attention", "encoder/layers_1/attention"]),
+])
+def test_sites_follow_stacks_attentions_and_layers(where, expected):
+  model = method_checks.make_model((p_tuning_v2(layers=[-1], **where),), num_decoder_layers=3)
   leaves = model_lib.flatten(method_checks.init(model, method_checks.make_batch())["peft"])
-  assert sorted(leaves) == [
-      "decoder/layers_2/encoder_decoder_attention/p_tuning_v2/key",
-      "decoder/layers_2/encoder_decoder_attention/p_tuning_v2/value",
-      "encoder/layers_1/attention/p_tuning_v2/key",
-      "encoder/layers_1/attention/p_tuning_v2/value"]
-  assert leaves["encoder/layers_1/attention/p_tuning_v2/key"].shape == (2, 4, 3)  # [l, h, d_kv]
+  assert sorted(leaves) == [f"{site}/p_tuning_v2/{kv}" for site in expected for kv in ("key", "value")]
+  for path in leaves:
+    assert leaves[path].shape == (2, 4, 3)  # [l, h, d_kv]
 
 
 def test_a_prefix_acts_only_where_it_sits():
   """A decoder self-attention prefix leaves the encoder as the backbone's and changes the logits."""
-  model = method_checks.make_model((p_tuning_v2(attentions=["decoder_self"]),))
+  model = method_checks.make_model((p_tuning_v2(stacks=["decoder"], attentions=["self_attention"]),))
   plain_model = method_checks.make_model(())
   batch = method_checks.make_batch()
   variables = method_checks.init(model, batch)
@@ -165,7 +166,7 @@ def test_t5_base_parameter_counts():
   reparam = px.PrefixTuning(length=l, mlp_hidden=hid)
   assert t5_base_count(reparam) == sites * per_site == 45_305_856 == reparam.param_count(cfg)
   # A subset: l = 30 at the encoder's first and last layers only, with a smaller P'.
-  subset = px.PrefixTuning(length=30, attentions=["encoder"], layers=[0, -1], prefix_embed_dim=64,
+  subset = px.PrefixTuning(length=30, stacks=["encoder"], layers=[0, -1], prefix_embed_dim=64,
                            mlp_hidden=128)
   expected = 2 * (30 * 64 + 64 * 128 + 128 + 128 * 2 * 768 + 2 * 768)
   assert t5_base_count(subset) == expected == subset.param_count(cfg)
@@ -189,5 +190,5 @@ def test_gin_file_builds_the_deltas(name, cls, length):
     gin.clear_config()
   assert len(deltas) == 1 and type(deltas[0]) is cls
   assert deltas[0].length == length and deltas[0].reparameterize == (cls is px.PrefixTuning)
-  assert deltas[0].attentions == ("encoder", "decoder_self", "cross")
+  assert deltas[0].attentions == ("attention",) and deltas[0].stacks == ("encoder", "decoder")
   method_checks.make_model(deltas)  # Hashable, usable as the model's method.

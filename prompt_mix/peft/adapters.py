@@ -138,8 +138,9 @@ class AdapterModule(nn.Module):
   init_option: str = "lora"
 
   @nn.compact
-  def __call__(self, x_normed: Array, y: Array, ctx: plugins.Context) -> Array:
+  def __call__(self, residual: Array, x_normed: Array, y: Array, ctx: plugins.Context) -> Array:
     """x_normed, y [B, n, d] -> y + s * up(relu(down(x_normed if parallel else y))) [B, n, d]."""
+    del residual
     x = x_normed if self.parallel else y
     d = y.shape[-1]
     down_init, up_init = INITS[self.init_option]
@@ -164,7 +165,7 @@ class _Adapter(plugins.Delta):
     sublayers: where to act: any of 'attention' (encoder self, decoder self and cross),
       'self_attention', 'cross_attention', 'mlp' (see `selection`).
     stacks: 'encoder' and/or 'decoder'.
-    layers: layer indices of each selected stack (negative counts from the end); None for all.
+    layers: 'all', ('first', k), ('last', k) or layer indices of each selected stack (`selection`).
     scale: s, multiplies the adapter's output.
     use_bias: biases on `down` and `up` (He et al.'s adapters have them).
     dropout_rate: dropout inside the bottleneck.
@@ -179,7 +180,7 @@ class _Adapter(plugins.Delta):
   bottleneck: int = 64
   sublayers: Sequence[str] = ("attention", "mlp")
   stacks: Sequence[str] = selection.STACKS
-  layers: Optional[Sequence[int]] = None
+  layers: selection.LayerSpec = selection.ALL
   scale: float = 1.0
   use_bias: bool = True
   dropout_rate: float = 0.0
@@ -194,7 +195,7 @@ class _Adapter(plugins.Delta):
     for field in ("sublayers", "stacks"):
       object.__setattr__(self, field, selection.as_tuple(getattr(self, field), f"{cls}.{field}"))
     object.__setattr__(self, "layers", selection.check_layers(self.layers, f"{cls}.layers"))
-    selection.check_names(self.stacks, selection.STACKS, f"{cls}.stacks")
+    selection.check_stacks(self.stacks, f"{cls}.stacks")
     object.__setattr__(self, "_kinds", selection.site_kinds(self.sublayers, f"{cls}.sublayers"))
     if self.bottleneck < 1:
       raise ValueError(f"{cls}.bottleneck must be >= 1, got {self.bottleneck}")
@@ -202,8 +203,7 @@ class _Adapter(plugins.Delta):
       raise ValueError(f"{cls}.init: unknown {self.init!r}; choose from {tuple(INITS)}")
 
   def sublayer(self, site: plugins.Site) -> Optional[nn.Module]:
-    if (site.stack not in self.stacks or site.kind not in self._kinds
-        or not selection.layer_selected(site, self.layers)):
+    if not selection.selects(site, self.stacks, self.layers, self._kinds, f"{type(self).__name__}.layers"):
       return None
     return AdapterModule(self.bottleneck, self.parallel, self.scale, self.use_bias, self.dropout_rate,
                          self.num_tasks, self.init, name=f"{site.kind}_{self.name}")

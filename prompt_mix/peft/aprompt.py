@@ -45,8 +45,8 @@ from every query (a NEG_INF logit on their key positions): the text positions co
 plain backbone computes (relative position bias depends only on position differences), and the real
 prompts of the first chosen layer replace the rows. After a chosen layer, an unchosen layer lets the
 previous layer's outputs at the row positions pass through (as prompt tuning does at every layer).
-Hiding needs the rows' position: `row_offset` is the total length of rows that deltas listed *before*
-this one prepend (0 when APrompt is the only delta with input rows, or listed first).
+Hiding needs the rows' positions: the backbone hands every module its delta's own row span in the current
+stack (`ctx.rows`), so they are right whatever other deltas prepend before it, in each stack separately.
 
 `kv_ratio_lengths` / `aprompt_at_kv_ratio` split a fixed attention-prompt budget between key-value and
 query-key prompts (the paper's "attention prompt balancing" ablation).
@@ -63,21 +63,14 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from prompt_mix.peft import selection
 from prompt_mix.peft import tasks as tasks_lib
 from prompt_mix.t5 import layers as t5_layers
 from prompt_mix.t5 import plugins
 from prompt_mix.t5.config import T5Config
 
 Array = Any
-LayerSpec = Union[str, Sequence[Any]]
 
-STACKS = ("encoder", "decoder")
-# User-facing attention names -> the backbone's `Site.kind`s (the same names as LoRA's `attentions`).
-ATTENTIONS = {
-    "attention": frozenset({"attention", "self_attention", "cross_attention"}),
-    "self_attention": frozenset({"attention", "self_attention"}),
-    "cross_attention": frozenset({"cross_attention"}),
-}
 # `Site.kind` of each stack's self-attention: where rows (sequence positions of that stack) are keys.
 _SELF_ATTENTION = {"encoder": "attention", "decoder": "self_attention"}
 INPUT_INITS = ("uniform", "vocab")
@@ -85,81 +78,6 @@ VOCAB_INIT_TOKENS = 5000  # Lester et al.: sample among the 5,000 most frequent 
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def _as_tuple(value, what: str):
-  if value is None or isinstance(value, str):
-    return value
-  try:
-    return tuple(value)
-  except TypeError:
-    raise TypeError(f"{what} must be a string or a sequence, got {value!r}") from None
-
-
-def check_layer_spec(spec: LayerSpec, what: str) -> LayerSpec:
-  """Validates (and makes hashable) a layer selection: 'all', ('first', k), ('last', k) or [i, ...]."""
-  spec = _as_tuple(spec, what)
-  if spec == "all":
-    return spec
-  if isinstance(spec, str) or not spec:
-    raise ValueError(f"{what}={spec!r}: expected 'all', ('first', k), ('last', k) or a list of layer "
-                     "indices")
-  if isinstance(spec[0], str):
-    if len(spec) != 2 or spec[0] not in ("first", "last") or not isinstance(spec[1], int) or spec[1] < 1:
-      raise ValueError(f"{what}={spec!r}: expected ('first', k) or ('last', k) with an int k >= 1")
-    return spec
-  for layer in spec:
-    if not isinstance(layer, int) or isinstance(layer, bool):
-      raise ValueError(f"{what}={spec!r}: layer indices must be ints, got {layer!r}")
-  return spec
-
-
-def chosen_layers(spec: LayerSpec, num_layers: int, stack: str = "", what: str = "layers") -> frozenset:
-  """The layer indices of a stack of `num_layers` that `spec` selects (negative indices count from the end).
-
-  Raises (naming the stack) when ('first'|'last', k) asks for more layers than the stack has or an index
-  is out of range.
-  """
-  if spec == "all":
-    return frozenset(range(num_layers))
-  if isinstance(spec[0], str):
-    which, k = spec
-    if k > num_layers:
-      raise ValueError(f"{what}={spec!r}: the {stack} stack has only {num_layers} layers")
-    return frozenset(range(k)) if which == "first" else frozenset(range(num_layers - k, num_layers))
-  out = set()
-  for layer in spec:
-    index = layer + num_layers if layer < 0 else layer
-    if not 0 <= index < num_layers:
-      raise ValueError(f"{what}={spec!r}: layer {layer} is out of range for the {stack} stack of "
-                       f"{num_layers} layers")
-    out.add(index)
-  return frozenset(out)
-
-
-def _attention_kinds(names: Sequence[str], what: str) -> frozenset:
-  if not names:
-    raise ValueError(f"{what} is empty: select at least one of {tuple(ATTENTIONS)} (set the prompt's "
-                     "length to 0 to disable it)")
-  kinds = frozenset()
-  for name in names:
-    if name not in ATTENTIONS:
-      raise ValueError(f"{what}: unknown attention {name!r}; choose from {tuple(ATTENTIONS)}")
-    kinds |= ATTENTIONS[name]
-  return kinds
-
-
-def _head_geometry(module: nn.Module) -> tuple[int, int]:
-  """(h, d_kv) of the backbone attention in whose scope `module` runs.
-
-  The attention hooks do not pass the head geometry; the module's parent is the backbone's `Attention`
-  (or a layer / stack), whose `config` holds it.
-  """
-  config = getattr(module.parent, "config", None)
-  if not isinstance(config, T5Config):
-    raise ValueError(f"{module.scope.path_text}: an APrompt module must be created inside the backbone "
-                     f"(a parent with a T5Config `config`), got parent {type(module.parent).__name__}")
-  return config.num_heads, config.head_dim
-
-
 def _uniform(scale: float) -> Callable[[Array, tuple[int, ...]], Array]:
   def init(rng, shape):
     return jax.random.uniform(rng, shape, jnp.float32, -scale, scale)
@@ -223,8 +141,9 @@ class DeepPrompt(nn.Module):
   num_tasks: Optional[int] = None
 
   @nn.compact
-  def __call__(self, ctx: plugins.Context) -> Array:
-    """-> [B, m, d]."""
+  def __call__(self, x: Array, ctx: plugins.Context) -> Array:
+    """x [B, r+n, d] (the layer's input) -> [B, m, d]."""
+    del x
     return _prompt_rows(self, ctx)
 
 
@@ -239,19 +158,17 @@ class ZeroRows(nn.Module):
 
 
 class HideRows(nn.Module):
-  """NEG_INF on the key positions [start, start+length) of a self-attention (layers before the first
-  chosen one), so no query attends to the placeholder rows."""
+  """NEG_INF on the key positions of this delta's own rows (`ctx.rows`) in a self-attention (layers before
+  the first chosen one), so no query attends to the placeholder rows."""
 
-  start: int
-  length: int
-
-  def __call__(self, q_positions: Array, k_positions: Array, ctx: plugins.Context) -> Array:
-    """q_positions [q], k_positions [k] -> [1, h, q, k]."""
-    del ctx
-    h, _ = _head_geometry(self)
-    rows = (k_positions >= self.start) & (k_positions < self.start + self.length)
+  def __call__(self, q: Array, k: Array, q_positions: Array, k_positions: Array,
+               ctx: plugins.Context) -> Array:
+    """q [B, q, h, d_kv], k [B, k, h, d_kv], positions [q], [k] -> [1, h, q, k]."""
+    start, length = ctx.rows
+    rows = (k_positions >= start) & (k_positions < start + length)
     term = jnp.where(rows, t5_layers.NEG_INF, 0.0).astype(jnp.float32)
-    return jnp.broadcast_to(term[None, None, None, :], (1, h, q_positions.shape[0], k_positions.shape[0]))
+    return jnp.broadcast_to(term[None, None, None, :], (1, q.shape[2], q_positions.shape[0],
+                                                        k_positions.shape[0]))
 
 
 class QueryKeyPrompt(nn.Module):
@@ -272,9 +189,10 @@ class QueryKeyPrompt(nn.Module):
   num_tasks: Optional[int] = None
 
   @nn.compact
-  def __call__(self, q_positions: Array, k_positions: Array, ctx: plugins.Context) -> Array:
-    """q_positions [q], k_positions [k] (absolute, int) -> [1 or B, h, q, k]."""
-    h, _ = _head_geometry(self)
+  def __call__(self, q: Array, k: Array, q_positions: Array, k_positions: Array,
+               ctx: plugins.Context) -> Array:
+    """q [B, q, h, d_kv], k [B, k, h, d_kv], positions [q], [k] (absolute, int) -> [1 or B, h, q, k]."""
+    h = q.shape[2]
     init = _uniform(self.init_scale)
     axes = ("prompt", "prompt_embed")
     query = tasks_lib.peft_param(self, "query", init, (self.query_positions, h * self.length), axes,
@@ -306,8 +224,9 @@ class KeyValuePrompt(nn.Module):
   num_tasks: Optional[int] = None
 
   @nn.compact
-  def __call__(self, ctx: plugins.Context) -> tuple[Array, Array]:
-    h, dk = _head_geometry(self)
+  def __call__(self, q: Array, ctx: plugins.Context) -> tuple[Array, Array]:
+    """q [B, q, h, d_kv] -> (keys, values), each [B, l_kv, h, d_kv]."""
+    h, dk = q.shape[2], q.shape[3]
     init = _uniform(self.init_scale)
     axes = ("prompt", "prompt_embed")
     out = []
@@ -341,8 +260,6 @@ class APrompt(plugins.Delta):
       (rows of the frozen embedding among the first 5,000 tokens).
     input_init_scale / qk_init_scale / kv_init_scale: uniform init bounds (0.1 is close to E2VPT's
       xavier-uniform bound sqrt(6 / 784) = 0.0875 for its prompts).
-    row_offset: total rows prepended by deltas listed before this one (only used to hide the placeholder
-      rows in layers before the first chosen layer).
     num_tasks: None, or T for a bank of T APrompts selected per example by `task_ids`.
     name_prefix: prefix of the module names (`{prefix}_input_prompt`, ...), so that two APrompts can
       be combined in one model; '' gives `input_prompt`, `qk_prompt`, `kv_prompt`.
@@ -353,25 +270,24 @@ class APrompt(plugins.Delta):
   kv_length: int = 10
   max_length: int = 512
   decoder_max_length: int = 128
-  layers: LayerSpec = "all"
-  stacks: Sequence[str] = STACKS
+  layers: selection.LayerSpec = selection.ALL
+  stacks: Sequence[str] = selection.STACKS
   qk_attentions: Sequence[str] = ("attention",)
   kv_attentions: Sequence[str] = ("attention",)
   input_init: str = "uniform"
   input_init_scale: float = 0.5
   qk_init_scale: float = 0.1
   kv_init_scale: float = 0.1
-  row_offset: int = 0
   num_tasks: Optional[int] = None
   name_prefix: str = ""
 
   def __post_init__(self):
     # Gin hands sequences over as lists; a delta must stay hashable (it is a Flax module attribute).
-    for field in ("stacks", "qk_attentions", "kv_attentions"):
-      value = _as_tuple(getattr(self, field), f"APrompt.{field}")
-      object.__setattr__(self, field, (value,) if isinstance(value, str) else value)
-    object.__setattr__(self, "layers", check_layer_spec(self.layers, "APrompt.layers"))
-    for field in ("input_length", "qk_length", "kv_length", "row_offset"):
+    for field in ("qk_attentions", "kv_attentions"):
+      object.__setattr__(self, field, selection.as_tuple(getattr(self, field), f"APrompt.{field}"))
+    object.__setattr__(self, "stacks", selection.check_stacks(self.stacks, "APrompt.stacks"))
+    object.__setattr__(self, "layers", selection.check_layers(self.layers, "APrompt.layers"))
+    for field in ("input_length", "qk_length", "kv_length"):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 0:
         raise ValueError(f"APrompt.{field} must be an int >= 0, got {value!r}")
@@ -381,13 +297,9 @@ class APrompt(plugins.Delta):
       value = getattr(self, field)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"APrompt.{field} must be an int >= 1, got {value!r}")
-    if not self.stacks:
-      raise ValueError(f"APrompt.stacks is empty: select at least one of {STACKS}")
-    for stack in self.stacks:
-      if stack not in STACKS:
-        raise ValueError(f"APrompt.stacks: unknown stack {stack!r}; choose from {STACKS}")
-    object.__setattr__(self, "_qk_kinds", _attention_kinds(self.qk_attentions, "APrompt.qk_attentions"))
-    object.__setattr__(self, "_kv_kinds", _attention_kinds(self.kv_attentions, "APrompt.kv_attentions"))
+    for field in ("qk_attentions", "kv_attentions"):
+      object.__setattr__(self, f"_{field[:2]}_kinds", selection.site_kinds(
+          getattr(self, field), f"APrompt.{field}", selection.ATTENTIONS))
     if self.input_init not in INPUT_INITS:
       raise ValueError(f"APrompt.input_init: unknown {self.input_init!r}; choose from {INPUT_INITS}")
     if self.num_tasks is not None and self.num_tasks < 1:
@@ -398,7 +310,7 @@ class APrompt(plugins.Delta):
     """The chosen layer indices of `stack` (empty when the stack is not selected)."""
     if stack not in self.stacks:
       return frozenset()
-    return chosen_layers(self.layers, num_layers, stack, "APrompt.layers")
+    return selection.chosen_layers(self.layers, num_layers, stack, "APrompt.layers")
 
   def _site_chosen(self, site: plugins.Site) -> bool:
     return site.layer in self.chosen(site.stack, site.num_layers)
@@ -446,7 +358,7 @@ class APrompt(plugins.Delta):
     first = self._first_chosen(site)
     if (self.input_length and first is not None and site.layer < first
         and site.kind == _SELF_ATTENTION[site.stack]):
-      return HideRows(self.row_offset, self.input_length, name=self._name("hide_rows"))
+      return HideRows(name=self._name("hide_rows"))
     return None
 
   def attention_kv(self, site: plugins.Site) -> Optional[nn.Module]:
@@ -462,7 +374,7 @@ class APrompt(plugins.Delta):
                                   ("decoder", config.num_decoder_layers,
                                    ("self_attention", "cross_attention"))):
       for layer in sorted(self.chosen(stack, n)):
-        sites += [plugins.Site(stack, layer, kind, n) for kind in stack_kinds if kind in kinds]
+        sites += [plugins.site(config, stack, layer, kind) for kind in stack_kinds if kind in kinds]
     return sites
 
   def qk_sites(self, config: T5Config) -> list[plugins.Site]:

@@ -37,20 +37,25 @@ Array = Any
 
 
 class BiasModule(nn.Module):
-  """A bias `[out]` (zero-initialized) added to the output of the projection it lives in."""
+  """A bias `[out]` (zero-initialized) added to the output of the projection or norm it wraps.
 
+  Attributes:
+    features: the output size (the site's `out_features`).
+    num_tasks: None, or N for one bias per task.
+  """
+
+  features: int
   num_tasks: Optional[int] = None
 
   @nn.compact
-  def __call__(self, x: Array, ctx: plugins.Context) -> Array:
-    """x [B, n, in] -> the bias broadcast to [B or 1, 1, out]."""
-    bias = tasks_lib.peft_param(self, "bias", adapters.zeros, (lora_lib.projection_features(self),),
-                                (None,), self.num_tasks)
-    bias = jnp.asarray(bias, x.dtype)
-    if self.num_tasks is None:
-      return jnp.broadcast_to(bias, x.shape[:-1] + bias.shape)
-    return jnp.broadcast_to(tasks_lib.per_example(bias, ctx, self.num_tasks)[:, None, :],
-                            x.shape[:-1] + bias.shape[-1:])
+  def __call__(self, x: Array, y: Array, ctx: plugins.Context) -> Array:
+    """x [B, n, in], y [B, n, out] -> y + bias."""
+    del x
+    bias = tasks_lib.peft_param(self, "bias", adapters.zeros, (self.features,), (None,), self.num_tasks)
+    bias = jnp.asarray(bias, y.dtype)
+    if self.num_tasks is not None:
+      bias = tasks_lib.per_example(bias, ctx, self.num_tasks)[:, None, :]
+    return y + bias
 
 
 @gin.configurable
@@ -75,9 +80,9 @@ class BitFit(plugins.Delta):
     for field in ("targets", "stacks"):
       object.__setattr__(self, field, selection.as_tuple(getattr(self, field), f"BitFit.{field}"))
     selection.check_names(self.targets, lora_lib.PROJECTIONS, "BitFit.targets")
-    selection.check_names(self.stacks, selection.STACKS, "BitFit.stacks")
+    selection.check_stacks(self.stacks, "BitFit.stacks")
 
-  def projection(self, site: plugins.Site, name: str) -> Optional[nn.Module]:
-    if name not in self.targets or site.stack not in self.stacks:
+  def projection(self, site: plugins.Site) -> Optional[nn.Module]:
+    if site.projection not in self.targets or site.stack not in self.stacks:
       return None
-    return BiasModule(self.num_tasks, name=self.name)
+    return BiasModule(site.out_features, self.num_tasks, name=self.name)

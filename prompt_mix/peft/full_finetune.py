@@ -20,4 +20,4 @@ from prompt_mix.t5 import plugins
 class FullFineTune(plugins.Delta):
   """Trains the backbone itself; composes with other deltas (their `peft` leaves then stay frozen)."""
 
-  trains_backbone: bool = dataclasses.field(default=True, init=False)
+  trains_backbone = True

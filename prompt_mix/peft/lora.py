@@ -50,18 +50,6 @@ MLP_PROJECTIONS = ("wi", "wi_0", "wi_1", "wo")
 PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS + ("logits_dense",)
 
 
-def projection_features(module: nn.Module) -> int:
-  """The output size of the projection (`layers.Dense`) in whose scope a `projection` module runs.
-
-  The `projection(site, name)` hook does not pass the output size; the module's parent is the Dense.
-  """
-  features = getattr(module.parent, "features", None)
-  if not isinstance(features, int):
-    raise ValueError(f"{module.scope.path_text}: a projection delta must be created inside the "
-                     f"backbone's Dense (with an int `features`), got parent {type(module.parent).__name__}")
-  return features
-
-
 def _gaussian_a(rng: Array, shape: tuple[int, ...]) -> Array:
   """PEFT's `init_lora_weights='gaussian'`: lora_A ~ normal(0, 1/r)."""
   return jax.random.normal(rng, shape, jnp.float32) / shape[1]
@@ -75,9 +63,10 @@ _INITS = {True: (adapters.kaiming_uniform_sqrt5, adapters.zeros),
 
 
 class LoraModule(nn.Module):
-  """s * x @ a @ b for one projection, created inside the projection's `Dense` (its parent).
+  """y + s * x @ a @ b for one projection (the `projection` hook wraps its output).
 
   Attributes:
+    out_features: the projection's output size (from its `Site`).
     rank: r.
     scale: s = alpha / r.
     dropout_rate: dropout on the LoRA input (PEFT's `lora_dropout`).
@@ -85,6 +74,7 @@ class LoraModule(nn.Module):
     init_lora_weights: see `LoRA`.
   """
 
+  out_features: int
   rank: int
   scale: float
   dropout_rate: float = 0.0
@@ -92,12 +82,12 @@ class LoraModule(nn.Module):
   init_lora_weights: Union[bool, str] = True
 
   @nn.compact
-  def __call__(self, x: Array, ctx: plugins.Context) -> Array:
-    """x [B, n, in] -> [B, n, out], out the parent projection's `features`."""
+  def __call__(self, x: Array, y: Array, ctx: plugins.Context) -> Array:
+    """x [B, n, in], y [B, n, out] -> y + s x a b [B, n, out]."""
     a_init, b_init = _INITS[self.init_lora_weights]
     a = tasks_lib.peft_param(self, "a", a_init, (x.shape[-1], self.rank),
                              (None, None), self.num_tasks)
-    b = tasks_lib.peft_param(self, "b", b_init, (self.rank, projection_features(self)),
+    b = tasks_lib.peft_param(self, "b", b_init, (self.rank, self.out_features),
                              (None, None), self.num_tasks)
     if self.dropout_rate:
       x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=ctx.deterministic)
@@ -107,7 +97,7 @@ class LoraModule(nn.Module):
     else:
       a, b = (tasks_lib.per_example(w, ctx, self.num_tasks) for w in (a, b))
       h = jnp.einsum("bnr,bro->bno", jnp.einsum("bni,bir->bnr", x, a), b)
-    return h * jnp.asarray(self.scale, h.dtype)
+    return y + jnp.asarray(h * jnp.asarray(self.scale, h.dtype), y.dtype)
 
 
 @gin.configurable
@@ -121,8 +111,8 @@ class LoRA(plugins.Delta):
     targets: projection names (see `PROJECTIONS`); default `('query', 'value')`.
     stacks: 'encoder' and/or 'decoder'.
     attentions: for attention projections, which attentions: 'self_attention' (encoder self and
-      decoder self), 'cross_attention', or 'attention' (all).
-    layers: layer indices of each selected stack (negative counts from the end); None for all.
+      decoder self), 'cross_attention', or 'attention' (all) (`selection`).
+    layers: 'all', ('first', k), ('last', k) or layer indices of each selected stack (`selection`).
       (`logits_dense` is not a layer and is adapted whenever targeted and the decoder is selected.)
     dropout_rate: PEFT's `lora_dropout`, on the LoRA input.
     num_tasks: None, or N for a bank of N LoRAs selected per example by `task_ids`.
@@ -138,7 +128,7 @@ class LoRA(plugins.Delta):
   targets: Sequence[str] = ("query", "value")
   stacks: Sequence[str] = selection.STACKS
   attentions: Sequence[str] = ("attention",)
-  layers: Optional[Sequence[int]] = None
+  layers: selection.LayerSpec = selection.ALL
   dropout_rate: float = 0.0
   num_tasks: Optional[int] = None
   init_lora_weights: Union[bool, str] = True
@@ -149,12 +139,9 @@ class LoRA(plugins.Delta):
       object.__setattr__(self, field, selection.as_tuple(getattr(self, field), f"LoRA.{field}"))
     object.__setattr__(self, "layers", selection.check_layers(self.layers, "LoRA.layers"))
     selection.check_names(self.targets, PROJECTIONS, "LoRA.targets")
-    selection.check_names(self.stacks, selection.STACKS, "LoRA.stacks")
-    attention_kinds = selection.site_kinds(self.attentions, "LoRA.attentions")
-    if "mlp" in attention_kinds:
-      raise ValueError(f"LoRA.attentions={self.attentions}: 'mlp' is not an attention; target the MLP "
-                       f"with targets {MLP_PROJECTIONS}")
-    object.__setattr__(self, "_attention_kinds", attention_kinds)
+    selection.check_stacks(self.stacks, "LoRA.stacks")
+    object.__setattr__(self, "_attention_kinds", selection.site_kinds(self.attentions, "LoRA.attentions",
+                                                                      selection.ATTENTIONS))
     if self.rank < 1:
       raise ValueError(f"LoRA.rank must be >= 1, got {self.rank}")
     if self.init_lora_weights not in _INITS:
@@ -165,21 +152,21 @@ class LoRA(plugins.Delta):
   def scale(self) -> float:
     return self.alpha / self.rank
 
-  def acts_at(self, site: plugins.Site, name: str) -> bool:
-    """Whether this LoRA adapts projection `name` at `site`."""
-    if name not in self.targets or site.stack not in self.stacks:
+  def acts_at(self, site: plugins.Site) -> bool:
+    """Whether this LoRA adapts the projection at `site` (`site.projection`)."""
+    if site.projection not in self.targets or site.stack not in self.stacks:
       return False
     if site.kind == "logits":
       return True
     if site.kind in selection.ATTENTION_KINDS and site.kind not in self._attention_kinds:
       return False
-    return selection.layer_selected(site, self.layers)
+    return selection.layer_selected(site, self.layers, "LoRA.layers")
 
-  def projection(self, site: plugins.Site, name: str) -> Optional[nn.Module]:
-    if not self.acts_at(site, name):
+  def projection(self, site: plugins.Site) -> Optional[nn.Module]:
+    if not self.acts_at(site):
       return None
-    return LoraModule(self.rank, self.scale, self.dropout_rate, self.num_tasks, self.init_lora_weights,
-                      name=self.name)
+    return LoraModule(site.out_features, self.rank, self.scale, self.dropout_rate, self.num_tasks,
+                      self.init_lora_weights, name=self.name)
 
 
 def lora_param_count(in_features: int, out_features: int, rank: int, num_projections: int) -> int:

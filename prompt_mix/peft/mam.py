@@ -43,7 +43,7 @@ def mam_adapter(prefix_length: int = 30, bottleneck: int = 512, scale: float = 4
   Returns:
     The two deltas, to be passed together as the model's `deltas`.
   """
-  prefix = prefix_tuning.PrefixTuning(length=prefix_length, attentions=("encoder", "decoder_self", "cross"),
+  prefix = prefix_tuning.PrefixTuning(length=prefix_length, attentions=("attention",),
                                       reparameterize=reparameterize, mlp_hidden=prefix_mlp_hidden,
                                       num_tasks=num_tasks)
   adapter = adapters.ScaledParallelAdapter(bottleneck=bottleneck, scale=scale, sublayers=("mlp",),

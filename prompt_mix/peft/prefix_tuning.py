@@ -1,7 +1,8 @@
 """Prefix tuning (Li & Liang, 2021) and P-tuning v2 (Liu et al., 2022): trainable keys and values.
 
-At every chosen attention site (encoder self-attention 'encoder', decoder self-attention 'decoder_self',
-decoder cross-attention 'cross'; all layers or a list) the method gives l extra keys and values
+At every chosen attention site (`stacks`, `attentions` and `layers` in the vocabulary of `selection`: by
+default encoder self-attention, decoder self-attention and cross-attention of every layer) the method
+gives l extra keys and values
 `P_k, P_v [l, h, d_kv]`, which the backbone prepends to the attention's own (`attention_kv` hook): they are
 visible from every query, carry no relative position bias, and sit ahead of the KV cache during cached
 decoding (recomputed at each step).
@@ -53,31 +54,11 @@ from prompt_mix.t5.config import T5Config
 
 Array = Any
 
-# User-facing attention names -> (stack, Site.kind).
-ATTENTIONS = {
-    "encoder": ("encoder", "attention"),
-    "decoder_self": ("decoder", "self_attention"),
-    "cross": ("decoder", "cross_attention"),
-}
 FLAT_AXES = ("prompt", None, None)  # [l, h, d_kv], replicated.
 REPARAM_LEAVES = ("embedding", "mlp_wi", "mlp_bi", "mlp_wo", "mlp_bo")
 
 _normal = nn.initializers.normal(stddev=1.0)  # torch.nn.Embedding's init, as HF PEFT's PrefixEncoder.
 _zeros = nn.initializers.zeros
-
-
-def attention_dims(module: nn.Module) -> tuple[int, int]:
-  """(h, d_kv) of the attention a plug-in module was created in.
-
-  The `attention_kv` hook is called with the `Site` only and the module with the `Context` only, neither
-  of which holds the head shape; the module's parent is the backbone's `layers.Attention`, whose `config`
-  does. (To be replaced by the surface's own field once `Site` carries the head shape.)
-  """
-  config = getattr(module.parent, "config", None)
-  if not isinstance(config, T5Config):
-    raise ValueError(f"{module.scope.path_text}: a prefix must be created inside the backbone's attention "
-                     f"(a module with a T5Config `config`), got parent {type(module.parent).__name__}")
-  return config.num_heads, config.head_dim
 
 
 def reparameterized_kv(embedding: Array, wi: Array, bi: Array, wo: Array, bo: Array
@@ -105,10 +86,10 @@ class PrefixKV(nn.Module):
   delta: "PrefixTuning"
 
   @nn.compact
-  def __call__(self, ctx: plugins.Context) -> tuple[Array, Array]:
-    """-> (keys, values), each [B, l, h, d_kv] (each example's task prefix)."""
+  def __call__(self, q: Array, ctx: plugins.Context) -> tuple[Array, Array]:
+    """q [B, q, h, d_kv] -> (keys, values), each [B, l, h, d_kv] (each example's task prefix)."""
     delta = self.delta
-    h, dk = attention_dims(self)
+    h, dk = q.shape[2], q.shape[3]
     l, n = delta.length, delta.num_tasks
     param = lambda name, init, shape, axes: tasks_lib.peft_param(self, name, init, shape, axes, n)
     if delta.reparameterize:
@@ -134,8 +115,10 @@ class PrefixTuning(plugins.Delta):
 
   Attributes:
     length: l, the prefix length.
-    attentions: a subset of ('encoder', 'decoder_self', 'cross').
-    layers: 'all', or a list of layer indices (negative ones count from the end of each stack).
+    stacks: 'encoder' and/or 'decoder' (`selection`).
+    attentions: 'attention' (every attention), 'self_attention', 'cross_attention' (`selection`): the
+      default, every attention of both stacks, is encoder self, decoder self and cross-attention.
+    layers: 'all', ('first', k), ('last', k) or a list of layer indices (`selection`).
     reparameterize: True trains P' and a per-site MLP (Li & Liang); False trains flat prefixes
       (P-tuning v2).
     prefix_embed_dim: d' of P' (default d_model); only with `reparameterize`.
@@ -145,8 +128,9 @@ class PrefixTuning(plugins.Delta):
   """
 
   length: int = 10
-  attentions: Sequence[str] = ("encoder", "decoder_self", "cross")
-  layers: Union[str, Sequence[int]] = "all"
+  stacks: Sequence[str] = selection.STACKS
+  attentions: Sequence[str] = ("attention",)
+  layers: selection.LayerSpec = selection.ALL
   reparameterize: bool = True
   prefix_embed_dim: Optional[int] = None
   mlp_hidden: int = 512
@@ -155,20 +139,11 @@ class PrefixTuning(plugins.Delta):
 
   def __post_init__(self):
     kind = type(self).__name__
-    attentions = (self.attentions,) if isinstance(self.attentions, str) else tuple(self.attentions)
-    object.__setattr__(self, "attentions", attentions)
-    if not attentions:
-      raise ValueError(f"{kind}.attentions is empty: choose from {tuple(ATTENTIONS)}")
-    for name in attentions:
-      if name not in ATTENTIONS:
-        raise ValueError(f"{kind}.attentions: unknown {name!r}; choose from {tuple(ATTENTIONS)}")
-    if isinstance(self.layers, str):
-      if self.layers != "all":
-        raise ValueError(f"{kind}.layers must be 'all' or a list of layer indices, got {self.layers!r}")
-    else:
-      object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-      if not self.layers:
-        raise ValueError(f"{kind}.layers is empty: use 'all' or a list of layer indices")
+    object.__setattr__(self, "stacks", selection.check_stacks(self.stacks, f"{kind}.stacks"))
+    object.__setattr__(self, "attentions", selection.as_tuple(self.attentions, f"{kind}.attentions"))
+    object.__setattr__(self, "_kinds", selection.site_kinds(self.attentions, f"{kind}.attentions",
+                                                            selection.ATTENTIONS))
+    object.__setattr__(self, "layers", selection.check_layers(self.layers, f"{kind}.layers"))
     if not isinstance(self.length, int) or self.length < 1:
       raise ValueError(f"{kind}.length must be a positive int, got {self.length!r}")
     if self.num_tasks is not None and self.num_tasks < 1:
@@ -179,8 +154,7 @@ class PrefixTuning(plugins.Delta):
 
   def acts_at(self, site: plugins.Site) -> bool:
     """True when this delta gives a prefix at attention `site`."""
-    return ((site.stack, site.kind) in {ATTENTIONS[a] for a in self.attentions}
-            and selection.layer_selected(site, None if self.layers == "all" else self.layers))
+    return selection.selects(site, self.stacks, self.layers, self._kinds, f"{type(self).__name__}.layers")
 
   def attention_kv(self, site: plugins.Site) -> Optional[nn.Module]:
     if not self.acts_at(site):
@@ -189,12 +163,7 @@ class PrefixTuning(plugins.Delta):
 
   def num_sites(self, config: T5Config) -> int:
     """The number of attention sites with a prefix."""
-    count = 0
-    for attention in self.attentions:
-      stack, kind = ATTENTIONS[attention]
-      depth = config.num_encoder_layers if stack == "encoder" else config.num_decoder_layers
-      count += sum(self.acts_at(plugins.Site(stack, i, kind, depth)) for i in range(depth))
-    return count
+    return sum(self.acts_at(s) for s in plugins.sublayer_sites(config))
 
   def param_count(self, config: T5Config) -> int:
     """Trainable parameters (module docstring formulas), times N for a bank."""

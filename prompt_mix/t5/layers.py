@@ -2,7 +2,8 @@
 
 RMS layer norm (eps 1e-6, computed in float32), bias-free dense layers with 2-D kernels, no 1/sqrt(d_kv)
 scaling of attention logits (it is folded into the query initializer), bucketed relative position bias.
-Each dense layer and each attention consults the method plug-ins of `plugins.py`.
+Each dense layer, layer norm and attention consults the method plug-ins of `plugins.py` at the `Site` it
+is given.
 """
 
 from __future__ import annotations
@@ -35,26 +36,44 @@ def constrain(x: Array, axes: tuple[str, ...]) -> Array:
 
 
 class LayerNorm(nn.Module):
-  """T5 RMS norm: x / sqrt(mean(x^2) + eps) * scale, no centering and no bias; float32 inside."""
+  """T5 RMS norm: x / sqrt(mean(x^2) + eps) * scale, no centering and no bias; float32 inside.
+
+  Attributes:
+    site: the plug-in site of this norm (its `projection` is the norm's name); the `projection` hooks
+      there wrap the output (e.g. BitFit's bias). None: no plug-ins.
+  """
 
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
+  site: Optional[plugins.Site] = None
+  deltas: plugins.Deltas = ()
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, ctx: Optional[plugins.Context] = None) -> Array:
+    """[..., d] -> [..., d]."""
+    inputs = x
     x = jnp.asarray(x, jnp.float32)
     scale = param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
     mean2 = jnp.mean(jnp.square(x), axis=-1, keepdims=True)
     y = jnp.asarray(x * jax.lax.rsqrt(mean2 + self.epsilon), self.dtype)
-    return y * jnp.asarray(scale, self.dtype)
+    y = y * jnp.asarray(scale, self.dtype)
+    if self.site is not None:
+      for module, delta_ctx in plugins.calls(self.deltas, "projection", self.site, ctx):
+        y = jnp.asarray(module(inputs, y, delta_ctx), self.dtype)
+    return y
 
 
 class Embed(nn.Module):
-  """The shared token embedding `[vocab, d]`; `attend` gives logits against it (tied output layer)."""
+  """The shared token embedding `[vocab, d]`; `attend` gives logits against it (tied output layer).
+
+  Lookups are in `dtype`; `attend` computes in `attend_dtype` (float32, as T5X) whatever the activations'
+  dtype, so tied logits, losses and scores keep float32 precision under bfloat16 activations.
+  """
 
   num_embeddings: int
   features: int
   dtype: Any = jnp.float32
+  attend_dtype: Any = jnp.float32
 
   def setup(self):
     self.embedding = param(self, "embedding", nn.initializers.normal(stddev=1.0),
@@ -65,8 +84,9 @@ class Embed(nn.Module):
     return jnp.asarray(jnp.take(self.embedding, tokens, axis=0), self.dtype)
 
   def attend(self, query: Array) -> Array:
-    """[B, n, d] -> [B, n, vocab]."""
-    return jnp.dot(query, jnp.asarray(self.embedding, self.dtype).T)
+    """[B, n, d] -> [B, n, vocab] in `attend_dtype`."""
+    query = jnp.asarray(query, self.attend_dtype)
+    return jnp.dot(query, jnp.asarray(self.embedding, self.attend_dtype).T)
 
   def table(self) -> Array:
     return self.embedding
@@ -78,7 +98,8 @@ class Dense(nn.Module):
   Attributes:
     features: output size.
     kernel_axes: logical names of the kernel's two axes.
-    site: the plug-in site this projection belongs to; its `projection(site, name)` hooks add to the output.
+    site: the plug-in site of this projection (`site.projection` is its name): `projection_input` hooks
+      transform its input, then `projection` hooks wrap its output, in delta order.
   """
 
   features: int
@@ -93,9 +114,11 @@ class Dense(nn.Module):
     """[..., in] -> [..., out]."""
     kernel = param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.kernel_axes)
     x = jnp.asarray(x, self.dtype)
+    for module, delta_ctx in plugins.calls(self.deltas, "projection_input", self.site, ctx):
+      x = jnp.asarray(module(x, delta_ctx), self.dtype)
     y = jnp.dot(x, jnp.asarray(kernel, self.dtype))
-    for module in plugins.modules(self.deltas, "projection", self.site, self.name):
-      y = y + jnp.asarray(module(x, ctx), self.dtype)
+    for module, delta_ctx in plugins.calls(self.deltas, "projection", self.site, ctx):
+      y = jnp.asarray(module(x, y, delta_ctx), self.dtype)
     return y
 
 
@@ -152,17 +175,21 @@ class MlpBlock(nn.Module):
   def __call__(self, x: Array, ctx: plugins.Context) -> Array:
     """[B, n, d] -> [B, n, d]."""
     cfg = self.config
-    dense = functools.partial(Dense, site=self.site, deltas=self.deltas, dtype=cfg.dtype)
+    d, ff = cfg.emb_dim, cfg.mlp_dim
+
+    def dense(name, fin, fout, axes):
+      return Dense(fout, axes, self.site.at(name, fin, fout), self.deltas, dtype=cfg.dtype, name=name)
+
     hidden = []
     for idx in range(len(cfg.mlp_activations)):
       name = "wi" if len(cfg.mlp_activations) == 1 else f"wi_{idx}"
-      hidden.append(dense(cfg.mlp_dim, ("embed", "mlp"), name=name)(x, ctx))
+      hidden.append(dense(name, d, ff, ("embed", "mlp"))(x, ctx))
     # Rematerialized: the backward pass recomputes the activations from the projections' outputs (which
     # it keeps anyway), so the forward writes only the product, in one pass over [B, n, d_ff].
     h = jax.checkpoint(functools.partial(_activate, cfg.mlp_activations))(*hidden)
     h = constrain(h, ("batch", "length", "mlp"))
     h = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(h, deterministic=ctx.deterministic)
-    return dense(cfg.emb_dim, ("mlp", "embed"), name="wo")(h, ctx)
+    return dense("wo", ff, d, ("mlp", "embed"))(h, ctx)
 
 
 def _activate(activations: tuple[str, ...], *hidden: Array) -> Array:
@@ -207,13 +234,16 @@ class Attention(nn.Module):
       [B, q, d].
     """
     cfg = self.config
-    h, dk = cfg.num_heads, cfg.head_dim
-    dense = functools.partial(Dense, site=self.site, deltas=self.deltas, dtype=cfg.dtype)
+    h, dk, d = cfg.num_heads, cfg.head_dim, cfg.emb_dim
+
+    def dense(name, fin, fout, axes, **kw):
+      return Dense(fout, axes, self.site.at(name, fin, fout), self.deltas, dtype=cfg.dtype, name=name, **kw)
+
     depth_scaling = np.sqrt(dk).astype(np.float32)
     query_init = lambda *a: default_kernel_init(*a) / depth_scaling
-    q = dense(h * dk, ("embed", "joined_kv"), kernel_init=query_init, name="query")(inputs_q, ctx)
-    k = dense(h * dk, ("embed", "joined_kv"), name="key")(inputs_kv, ctx)
-    v = dense(h * dk, ("embed", "joined_kv"), name="value")(inputs_kv, ctx)
+    q = dense("query", d, h * dk, ("embed", "joined_kv"), kernel_init=query_init)(inputs_q, ctx)
+    k = dense("key", d, h * dk, ("embed", "joined_kv"))(inputs_kv, ctx)
+    v = dense("value", d, h * dk, ("embed", "joined_kv"))(inputs_kv, ctx)
     split = lambda x: x.reshape(x.shape[:2] + (h, dk))
     q, k, v = split(q), split(k), split(v)
     q = constrain(q, ("batch", "length", "heads", "kv"))
@@ -229,10 +259,10 @@ class Attention(nn.Module):
       logits = logits + jnp.where(mask, 0.0, NEG_INF).astype(logit_dtype)
     if bias is not None:
       logits = logits + bias.astype(logit_dtype)
-    for module in plugins.modules(self.deltas, "attention_logits", self.site):
-      logits = logits + module(q_positions, k_positions, ctx).astype(logit_dtype)
+    for module, delta_ctx in plugins.calls(self.deltas, "attention_logits", self.site, ctx):
+      logits = logits + module(q, k, q_positions, k_positions, delta_ctx).astype(logit_dtype)
 
-    extra_k, extra_v = plugins.extra_kv(self.deltas, self.site, ctx)
+    extra_k, extra_v = plugins.extra_kv(self.deltas, self.site, q, ctx)
     if extra_k is not None:
       extra_logits = jnp.einsum("bqhd,blhd->bhql", q, extra_k.astype(q.dtype),
                                 preferred_element_type=logit_dtype).astype(logit_dtype)
@@ -242,14 +272,15 @@ class Attention(nn.Module):
     # softmax(logits) @ v, normalized after the mixing: exp(logits - max) @ v / sum(exp(logits - max)).
     # The division then runs on [B, q, h, d_kv] instead of the weights [B, h, q, k], which saves passes
     # over the largest activation of the layer forward and backward (dropout commutes with the scaling).
+    # The dropout mask is shared by all queries (T5X's `dot_product_attention` broadcasts it over q).
     unnormalized = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     denominator = jnp.sum(unnormalized, axis=-1)  # [B, h, q]
-    weights = nn.Dropout(rate=cfg.dropout_rate)(unnormalized.astype(cfg.dtype),
-                                                deterministic=ctx.deterministic)
+    weights = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(unnormalized.astype(cfg.dtype),
+                                                                      deterministic=ctx.deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(cfg.dtype), preferred_element_type=logit_dtype)
     out = (out / jnp.swapaxes(denominator, 1, 2)[..., None]).astype(cfg.dtype)
     out = out.reshape(out.shape[:2] + (h * dk,))
-    return dense(cfg.emb_dim, ("joined_kv", "embed"), name="out")(out, ctx)
+    return dense("out", h * dk, d, ("joined_kv", "embed"))(out, ctx)
 
   def _update_cache(self, k, v, mask, bias, q_positions, k_positions, cache_index, relpos):
     """Writes the new keys/values at `cache_index` and returns the whole cache with its mask and bias."""

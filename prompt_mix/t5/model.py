@@ -184,19 +184,31 @@ class EncoderDecoderModel:
     return predictions, dict(scores=scores, intermediates=state.get(INTERMEDIATES, {}))
 
   def _init_cache(self, params, encoded, encoder_mask, batch_size, length, task_ids):
-    """Sizes the decoder cache for rows + `length` positions, then prefills the method's rows."""
+    """Sizes the decoder cache for the method's rows + `length` positions, then prefills the rows."""
     dummy = jnp.ones((batch_size, length), jnp.int32)
     _, state = self.module.apply(params, encoded, encoder_mask, dummy, dummy, task_ids, decode=True,
                                  method=network.Transformer.decode, mutable=["cache"])
     cache = state["cache"]
-    cache_length = cache["decoder"]["layers_0"]["self_attention"]["cached_key"].shape[1]
-    if cache_length > length:  # The method prepends decoder rows: write them into the cache first.
+    if self.num_decoder_rows(params, batch_size, task_ids):  # Write the rows into the cache first.
       no_tokens = jnp.zeros((batch_size, 0), jnp.int32)
       _, state = self.module.apply({**params, "cache": cache}, encoded, encoder_mask, no_tokens, None,
                                    task_ids, decode=True, prefill=True,
                                    method=network.Transformer.decode, mutable=["cache"])
       cache = state["cache"]
     return cache
+
+  def num_decoder_rows(self, variables: Variables, batch_size: int = 1,
+                       task_ids: Optional[Array] = None) -> int:
+    """How many rows the method prepends to the decoder input (from shapes alone; nothing runs)."""
+    tokens = jnp.ones((batch_size, 1), jnp.int32)
+    rows = jax.eval_shape(lambda v, t: self.module.apply(
+        v, tokens, t, method=network.Transformer.decoder_rows), _without_cache(variables), task_ids)
+    return rows.shape[1]
+
+  @property
+  def num_tasks(self) -> Optional[int]:
+    """N when the method has a bank of N per-task leaves selected by the batch's `task_ids`, else None."""
+    return plugins.num_tasks(self.deltas)
 
 
 def _without_cache(variables: Variables) -> dict:

@@ -9,9 +9,10 @@ decoder/layers_i/{pre_self_attention_layer_norm, self_attention, pre_cross_atten
 encoder/encoder_norm, decoder/decoder_norm, decoder/logits_dense (v1.1)
 ```
 
-The method plug-ins (`plugins.py`) are consulted at fixed points: the stack inputs (prepended rows), each
-layer's input (deep prompts replacing those rows), each attention (extra keys/values, logit terms), each
-projection and each sublayer output. With no deltas this is exactly T5X's T5.
+The method plug-ins (`plugins.py`) are consulted at fixed points: each stack's start (a value shared by its
+layers), the stack inputs (prepended rows), each layer's input (deep prompts replacing those rows), each
+attention (extra keys/values, logit terms), each projection and layer norm, and each sublayer output. With
+no deltas this is exactly T5X's T5.
 """
 
 from __future__ import annotations
@@ -38,43 +39,39 @@ def _remat(cls, config: T5Config):
   return nn.remat(cls, policy=policy)
 
 
-def _replace_rows(x: Array, deltas: plugins.Deltas, site: plugins.Site, spans: tuple,
-                  ctx: plugins.Context) -> Array:
-  """Deep prompts: each delta's `hidden_rows` overwrite the positions its input rows occupy.
+def _replace_rows(x: Array, deltas: plugins.Deltas, site: plugins.Site, ctx: plugins.Context) -> Array:
+  """Deep prompts: each delta's `hidden_rows` overwrite the positions its own input rows occupy.
 
-  `spans` holds each delta's (start, length) of input rows; it is empty when this call carries no rows
-  (cached decoding steps after the prefill), and then nothing is replaced.
+  Nothing is replaced when this call's activations carry no rows (cached decoding steps after the
+  prefill: the rows are in the cache).
   """
-  if not spans:
+  if not ctx.carries_rows:
     return x
-  for delta, span in zip(deltas, spans):
-    module = delta.hidden_rows(site)
-    if module is None:
-      continue
-    if span is None:
-      raise ValueError(f"{type(delta).__name__} gives hidden rows at {site.stack} layer {site.layer} "
-                       "but no input rows at the stack input: there are no positions to replace.")
-    start, length = span
-    rows = jnp.asarray(module(ctx), x.dtype)
-    if rows.shape[1] != length:
-      raise ValueError(f"{type(delta).__name__}: hidden rows at {site.stack} layer {site.layer} have "
-                       f"length {rows.shape[1]}, its input rows have length {length}.")
+  for module, delta_ctx in plugins.calls(deltas, "hidden_rows", site, ctx):
+    name = type(deltas[delta_ctx.index]).__name__
+    if delta_ctx.rows is None:
+      raise ValueError(f"{name} gives hidden rows at {site.stack} layer {site.layer} but no input rows at "
+                       "the stack input: there are no positions to replace.")
+    start, length = delta_ctx.rows
+    rows = jnp.asarray(module(x, delta_ctx), x.dtype)
+    if rows.ndim != 3 or rows.shape[1] != length:
+      raise ValueError(f"{name}: hidden rows at {site.stack} layer {site.layer} have shape "
+                       f"{tuple(rows.shape)}; its input rows have length {length} ([B, {length}, d] expected).")
     x = jax.lax.dynamic_update_slice(x, rows, (0, start, 0))
   return x
 
 
 def _prepend_rows(embedded: Array, mask: Array, deltas: plugins.Deltas, site: plugins.Site,
                   ctx: plugins.Context) -> tuple[Array, Array, tuple]:
-  """Prepends every delta's input rows: returns x [B, m+n, d], mask [B, m+n] and each delta's span."""
-  rows, spans, offset = [], [], 0
-  for delta in deltas:
-    module = delta.input_rows(site)
-    if module is None:
-      spans.append(None)
-      continue
-    r = jnp.asarray(module(embedded, mask, ctx), embedded.dtype)
+  """Every delta's input rows: returns x [B, m+n, d], mask [B, m+n] and each delta's (start, length)."""
+  rows, spans, offset = [], [None] * len(deltas), 0
+  for module, delta_ctx in plugins.calls(deltas, "input_rows", site, ctx):
+    r = jnp.asarray(module(embedded, mask, delta_ctx), embedded.dtype)
+    if r.ndim != 3 or r.shape[0] != embedded.shape[0] or r.shape[2] != embedded.shape[2]:
+      raise ValueError(f"{type(deltas[delta_ctx.index]).__name__}: input rows at the {site.stack} input have "
+                       f"shape {tuple(r.shape)}, expected [{embedded.shape[0]}, m, {embedded.shape[2]}]")
     rows.append(r)
-    spans.append((offset, r.shape[1]))
+    spans[delta_ctx.index] = (offset, r.shape[1])
     offset += r.shape[1]
   if not rows:
     return embedded, mask, tuple(spans)
@@ -83,37 +80,35 @@ def _prepend_rows(embedded: Array, mask: Array, deltas: plugins.Deltas, site: pl
   return x, mask, tuple(spans)
 
 
+def _stack_states(deltas: plugins.Deltas, site: plugins.Site, ctx: plugins.Context) -> tuple:
+  """Each delta's `stack_state` value for this stack (None where it has none)."""
+  states = [None] * len(deltas)
+  for module, delta_ctx in plugins.calls(deltas, "stack_state", site, ctx):
+    states[delta_ctx.index] = module(delta_ctx)
+  return tuple(states)
+
+
 class EncoderLayer(nn.Module):
   """Pre-norm self-attention and MLP blocks with residuals."""
 
   config: T5Config
   layer: int
   deltas: plugins.Deltas = ()
-  row_spans: tuple = ()
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, bias: Array, positions: Array,
                ctx: plugins.Context) -> Array:
     """x [B, n, d], mask [B, 1, n, n], bias [1, h, n, n] -> [B, n, d]."""
     cfg = self.config
-    n_layers = cfg.num_encoder_layers
     if self.layer > 0:
-      x = _replace_rows(x, self.deltas, plugins.Site("encoder", self.layer, "layer", n_layers),
-                        self.row_spans, ctx)
-    site = plugins.Site("encoder", self.layer, "attention", n_layers)
-    h = layers.LayerNorm(dtype=cfg.dtype, name="pre_attention_layer_norm")(x)
-    y = layers.Attention(cfg, site, self.deltas, name="attention")(h, h, mask, bias, ctx, positions,
-                                                                    positions)
-    y = _apply_sublayer(self.deltas, site, h, y, ctx)
-    x = x + nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=ctx.deterministic)
-    x = layers.constrain(x, ("batch", "length", "embed"))
-
-    site = plugins.Site("encoder", self.layer, "mlp", n_layers)
-    h = layers.LayerNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(x)
-    y = layers.MlpBlock(cfg, site, self.deltas, name="mlp")(h, ctx)
-    y = _apply_sublayer(self.deltas, site, h, y, ctx)
-    x = x + nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=ctx.deterministic)
-    return layers.constrain(x, ("batch", "length", "embed"))
+      x = _replace_rows(x, self.deltas, plugins.site(cfg, "encoder", self.layer, "layer"), ctx)
+    site = plugins.site(cfg, "encoder", self.layer, "attention")
+    x = _sublayer(cfg, self.deltas, site, x, ctx,
+                  lambda h: layers.Attention(cfg, site, self.deltas, name="attention")(
+                      h, h, mask, bias, ctx, positions, positions))
+    site = plugins.site(cfg, "encoder", self.layer, "mlp")
+    return _sublayer(cfg, self.deltas, site, x, ctx,
+                     lambda h: layers.MlpBlock(cfg, site, self.deltas, name="mlp")(h, ctx))
 
 
 class DecoderLayer(nn.Module):
@@ -122,7 +117,6 @@ class DecoderLayer(nn.Module):
   config: T5Config
   layer: int
   deltas: plugins.Deltas = ()
-  row_spans: tuple = ()
 
   @nn.compact
   def __call__(self, x: Array, encoded: Array, self_mask: Optional[Array], self_bias: Optional[Array],
@@ -131,41 +125,40 @@ class DecoderLayer(nn.Module):
                relpos_table: Optional[Array] = None) -> Array:
     """x [B, q, d], encoded [B, n, d] -> [B, q, d]."""
     cfg = self.config
-    n_layers = cfg.num_decoder_layers
     if self.layer > 0:
-      x = _replace_rows(x, self.deltas, plugins.Site("decoder", self.layer, "layer", n_layers),
-                        self.row_spans, ctx)
+      x = _replace_rows(x, self.deltas, plugins.site(cfg, "decoder", self.layer, "layer"), ctx)
     relpos = None
     if relpos_table is not None:
       relpos = lambda q, k: _decoder_bias(relpos_table, cfg, q, k)
 
-    site = plugins.Site("decoder", self.layer, "self_attention", n_layers)
-    h = layers.LayerNorm(dtype=cfg.dtype, name="pre_self_attention_layer_norm")(x)
-    y = layers.Attention(cfg, site, self.deltas, name="self_attention")(
-        h, h, self_mask, self_bias, ctx, q_positions, k_positions, cache_index=cache_index,
-        relpos=relpos)
-    y = _apply_sublayer(self.deltas, site, h, y, ctx)
-    x = x + nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=ctx.deterministic)
-
-    site = plugins.Site("decoder", self.layer, "cross_attention", n_layers)
-    h = layers.LayerNorm(dtype=cfg.dtype, name="pre_cross_attention_layer_norm")(x)
-    y = layers.Attention(cfg, site, self.deltas, name="encoder_decoder_attention")(
-        h, encoded, cross_mask, None, ctx, q_positions, enc_positions)
-    y = _apply_sublayer(self.deltas, site, h, y, ctx)
-    x = x + nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=ctx.deterministic)
-
-    site = plugins.Site("decoder", self.layer, "mlp", n_layers)
-    h = layers.LayerNorm(dtype=cfg.dtype, name="pre_mlp_layer_norm")(x)
-    y = layers.MlpBlock(cfg, site, self.deltas, name="mlp")(h, ctx)
-    y = _apply_sublayer(self.deltas, site, h, y, ctx)
-    x = x + nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=ctx.deterministic)
-    return layers.constrain(x, ("batch", "length", "embed"))
+    site = plugins.site(cfg, "decoder", self.layer, "self_attention")
+    x = _sublayer(cfg, self.deltas, site, x, ctx,
+                  lambda h: layers.Attention(cfg, site, self.deltas, name="self_attention")(
+                      h, h, self_mask, self_bias, ctx, q_positions, k_positions,
+                      cache_index=cache_index, relpos=relpos))
+    cross = plugins.site(cfg, "decoder", self.layer, "cross_attention")
+    x = _sublayer(cfg, self.deltas, cross, x, ctx,
+                  lambda h: layers.Attention(cfg, cross, self.deltas, name="encoder_decoder_attention")(
+                      h, encoded, cross_mask, None, ctx, q_positions, enc_positions))
+    mlp = plugins.site(cfg, "decoder", self.layer, "mlp")
+    return _sublayer(cfg, self.deltas, mlp, x, ctx,
+                     lambda h: layers.MlpBlock(cfg, mlp, self.deltas, name="mlp")(h, ctx))
 
 
-def _apply_sublayer(deltas, site, h, y, ctx):
-  for module in plugins.modules(deltas, "sublayer", site):
-    y = jnp.asarray(module(h, y, ctx), y.dtype)
-  return y
+def _sublayer(cfg: T5Config, deltas: plugins.Deltas, site: plugins.Site, x: Array, ctx: plugins.Context,
+              body) -> Array:
+  """x + plug-ins(dropout(body(layer_norm(x)))): one pre-norm residual block.
+
+  The `sublayer` hooks see the residual input, the normed input and the block's output after its dropout,
+  and return the output added to the residual stream.
+  """
+  norm = plugins.PRE_NORMS[(site.stack, site.kind)]
+  h = layers.LayerNorm(dtype=cfg.dtype, site=site.at(norm, cfg.emb_dim, cfg.emb_dim), deltas=deltas,
+                       name=norm)(x, ctx)
+  y = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(body(h), deterministic=ctx.deterministic)
+  for module, delta_ctx in plugins.calls(deltas, "sublayer", site, ctx):
+    y = jnp.asarray(module(x, h, y, delta_ctx), y.dtype)
+  return layers.constrain(x + y, ("batch", "length", "embed"))
 
 
 def _decoder_bias(table: Array, cfg: T5Config, q_positions: Array, k_positions: Array) -> Array:
@@ -186,10 +179,11 @@ class Encoder(nn.Module):
   def __call__(self, tokens: Array, ctx: plugins.Context) -> tuple[Array, Array]:
     """tokens [B, n] -> (encoded [B, m+n, d], mask [B, m+n] bool), m = rows of the plug-ins."""
     cfg = self.config
-    n_layers = cfg.num_encoder_layers
+    ctx = ctx.replace(states=_stack_states(self.deltas, plugins.site(cfg, "encoder", -1, "stack"), ctx))
     embedded = self.shared_embedding(tokens)
     x, mask, spans = _prepend_rows(embedded, tokens > 0, self.deltas,
-                                   plugins.Site("encoder", -1, "input", n_layers), ctx)
+                                   plugins.site(cfg, "encoder", -1, "input"), ctx)
+    ctx = ctx.replace(spans=spans)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=ctx.deterministic)
     x = layers.constrain(x.astype(cfg.dtype), ("batch", "length", "embed"))
     length = x.shape[1]
@@ -199,11 +193,19 @@ class Encoder(nn.Module):
                                        cfg.relative_attention_max_distance, bidirectional=True,
                                        dtype=cfg.dtype, name="relpos_bias")(positions, positions)
     layer_cls = _remat(EncoderLayer, cfg)
-    for i in range(n_layers):
-      x = layer_cls(cfg, i, self.deltas, spans, name=f"layers_{i}")(x, attn_mask, bias, positions, ctx)
-    x = layers.LayerNorm(dtype=cfg.dtype, name="encoder_norm")(x)
-    x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=ctx.deterministic)
+    for i in range(cfg.num_encoder_layers):
+      x = layer_cls(cfg, i, self.deltas, name=f"layers_{i}")(x, attn_mask, bias, positions, ctx)
+    x = _final_norm(cfg, self.deltas, "encoder", x, ctx)
+    # T5X: the encoder's last dropout is not broadcast over the length (the decoder's is).
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=ctx.deterministic)
     return x, mask
+
+
+def _final_norm(cfg: T5Config, deltas: plugins.Deltas, stack: str, x: Array, ctx: plugins.Context) -> Array:
+  depth = cfg.num_encoder_layers if stack == "encoder" else cfg.num_decoder_layers
+  name = plugins.FINAL_NORMS[stack]
+  site = plugins.site(cfg, stack, depth, "output").at(name, cfg.emb_dim, cfg.emb_dim)
+  return layers.LayerNorm(dtype=cfg.dtype, site=site, deltas=deltas, name=name)(x, ctx)
 
 
 class Decoder(nn.Module):
@@ -211,6 +213,7 @@ class Decoder(nn.Module):
 
   Cached decoding (`ctx.decode`): the stack keeps one write position `cache/index`. A method with decoder
   rows needs one prefill call (`prefill=True`, zero tokens) that writes the rows into the cache first.
+  With `rows_only`, the call returns the decoder rows `[B, m, d]` of the plug-ins and nothing else.
   """
 
   config: T5Config
@@ -220,21 +223,27 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, encoded: Array, encoder_mask: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Optional[Array], ctx: plugins.Context,
-               prefill: bool = False) -> Array:
+               prefill: bool = False, rows_only: bool = False) -> Array:
     """Returns logits [B, q, vocab] for the q = decoder_input_tokens.shape[1] token positions."""
     cfg = self.config
     n_layers = cfg.num_decoder_layers
+    ctx = ctx.replace(states=_stack_states(self.deltas, plugins.site(cfg, "decoder", -1, "stack"), ctx))
     embedded = self.shared_embedding(decoder_input_tokens)
     pad_mask = (decoder_target_tokens > 0) if decoder_target_tokens is not None else (
         jnp.ones(decoder_input_tokens.shape, bool))
-    input_site = plugins.Site("decoder", -1, "input", n_layers)
     # In decode mode the first call (no cache yet) only sizes the cache, over rows + all positions.
     init_cache = ctx.decode and not self.has_variable("cache", "index")
     with_rows = not ctx.decode or prefill or init_cache
+    # The spans are needed in cached steps too (the rows sit in the cache); their values are then unused.
+    rows_x, rows_mask, spans = _prepend_rows(embedded, pad_mask, self.deltas,
+                                             plugins.site(cfg, "decoder", -1, "input"), ctx)
+    if rows_only:
+      return rows_x[:, :rows_x.shape[1] - embedded.shape[1]]
+    ctx = ctx.replace(spans=spans, carries_rows=with_rows)
     if with_rows:
-      x, pad_mask, spans = _prepend_rows(embedded, pad_mask, self.deltas, input_site, ctx)
+      x, pad_mask = rows_x, rows_mask
     else:  # A cached decoding step: the rows are already in the cache.
-      x, spans = embedded, ()
+      x = embedded
     num_rows = x.shape[1] - embedded.shape[1]
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=ctx.deterministic)
     x = layers.constrain(x.astype(cfg.dtype), ("batch", "length", "embed"))
@@ -262,17 +271,24 @@ class Decoder(nn.Module):
 
     layer_cls = _remat(DecoderLayer, cfg)
     for i in range(n_layers):
-      x = layer_cls(cfg, i, self.deltas, spans, name=f"layers_{i}")(x, encoded, self_mask, self_bias, cross_mask, q_positions, k_positions, enc_positions,
-                ctx, cache_index, relpos_table)
-    x = layers.LayerNorm(dtype=cfg.dtype, name="decoder_norm")(x)
+      x = layer_cls(cfg, i, self.deltas, name=f"layers_{i}")(
+          x, encoded, self_mask, self_bias, cross_mask, q_positions, k_positions, enc_positions, ctx,
+          cache_index, relpos_table)
+    x = _final_norm(cfg, self.deltas, "decoder", x, ctx)
     x = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=ctx.deterministic)
     x = x[:, num_rows:]
+    logits_site = plugins.site(cfg, "decoder", n_layers, "logits")
     if cfg.logits_via_embedding:
-      logits = self.shared_embedding.attend(x) / jnp.sqrt(x.shape[-1]).astype(x.dtype)
+      # T5X: logits against the embedding in float32 (`attend_dtype`), for stable losses and scores.
+      x = jnp.asarray(x, jnp.float32)
+      logits = self.shared_embedding.attend(x) / jnp.sqrt(jnp.float32(x.shape[-1]))
+      for module, delta_ctx in plugins.calls(self.deltas, "projection",
+                                             logits_site.at("logits", cfg.emb_dim, cfg.vocab_size), ctx):
+        logits = jnp.asarray(module(x, logits, delta_ctx), jnp.float32)
     else:
       logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"),
-                            plugins.Site("decoder", n_layers, "logits", n_layers), self.deltas,
-                            dtype=cfg.dtype, name="logits_dense")(x, ctx)
+                            logits_site.at("logits_dense", cfg.emb_dim, cfg.vocab_size), self.deltas,
+                            dtype=jnp.float32, name="logits_dense")(x, ctx)
     return layers.constrain(logits, ("batch", "length", "vocab"))
 
 
@@ -316,6 +332,11 @@ class Transformer(nn.Module):
     ctx = self._ctx(decoder_input_tokens.shape[0], task_ids, enable_dropout, decode)
     return self.decoder(encoded, encoder_mask, decoder_input_tokens, decoder_target_tokens, ctx,
                         prefill=prefill)
+
+  def decoder_rows(self, decoder_input_tokens: Array, task_ids: Optional[Array] = None) -> Array:
+    """The rows `[B, m, d]` the method prepends to the decoder input (m = 0 for most methods)."""
+    ctx = self._ctx(decoder_input_tokens.shape[0], task_ids, False, False)
+    return self.decoder(None, None, decoder_input_tokens, None, ctx, rows_only=True)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Array, task_ids: Optional[Array] = None,
