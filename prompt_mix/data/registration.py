@@ -85,11 +85,19 @@ class TaskSpec:
   def global_task_id(self) -> int:
     return task_ids.task_id(self.name) if self.task_id is None else self.task_id
 
+  @property
+  def num_classes(self) -> dict[str, int]:
+    """Field path -> number of classes: of each named label field, and of `label` from the label words."""
+    counts = {path: len(names) for path, names in self.label_names.items()}
+    if self.label_words and "label" in self.features and "label" not in counts:
+      counts["label"] = len(self.label_words)
+    return counts
+
   def source(self, few_shot: Optional[tuple[int, int]] = None,
              splits: Sequence[str] = splits_lib.SPLITS) -> sources.SplitSource:
     return sources.SplitSource(self.name, self.tfds_name, self.features, self.plan, few_shot=few_shot,
                                splits=splits, label_names=self.label_names,
-                               train_transform=self.train_transform)
+                               train_transform=self.train_transform, num_classes=self.num_classes)
 
 
 def few_shot_name(name: str, k: int, seed: int) -> str:
