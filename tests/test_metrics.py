@@ -289,6 +289,26 @@ def test_qa_scoring_official_by_default_and_padded_as_an_option(gold, context, p
       _official_evaluate([[postprocessors.pad_punctuation(gold)]], [prediction])["f1"])
 
 
+def test_padded_joined_scoring_is_the_original_codes_single_joined_gold():
+  """The original code's target (and so its only gold) is all padded answers joined by spaces."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import prompt_mix_tasks  # pylint: disable=g-import-not-at-top
+  out = prompt_mix_tasks.TASK_SPECS["mrqa_newsqa"].formatter({
+      "question": tf.constant("Who won?"), "context": tf.constant("The Denver Broncos won."),
+      "answers": tf.constant(["Denver Broncos", "Broncos"])})
+  example = {k: v.numpy() for k, v in out.items()}
+  scores = {}
+  for mode in ("official", "padded", "padded_joined"):
+    with gin.unlock_config():
+      gin.bind_parameter("prompt_mix.data.postprocessors.get_qa_scoring.qa_scoring", mode)
+    try:
+      scores[mode] = _score(example, "Broncos")["f1"]
+    finally:
+      gin.clear_config()
+  # Gold 'denver broncos broncos' (3 tokens) vs 'broncos': precision 1, recall 1/3 -> F1 0.5.
+  assert scores == {"official": 100.0, "padded": 100.0, "padded_joined": pytest.approx(50.0)}
+
+
 def test_recover_span():
   context = "Units of the U.S. Army and the U. S. Navy met in 1–2 days."
   assert postprocessors.recover_span("U . S . Army", context) == "U.S. Army"

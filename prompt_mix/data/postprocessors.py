@@ -16,7 +16,7 @@ import numpy as np
 
 Postprocessor = Callable[..., Any]
 INVALID = -1  # Class id of a prediction that is none of the label words.
-QA_SCORING = ("official", "padded")
+QA_SCORING = ("official", "padded", "padded_joined")
 
 
 def _text(value: Any) -> str:
@@ -72,9 +72,11 @@ def get_qa_scoring(qa_scoring: str = "official") -> str:
     qa_scoring: 'official' (default): as the official SQuAD v1.1 / MRQA script, the dataset's own gold
       answers against the prediction; a prediction that is a span of the punctuation-padded context (the
       format the model reads and is trained to write) is first mapped back to that span's text in the
-      unpadded context (`recover_span`). 'padded': as T5 and the original ATTEMPT code, the padded gold
-      answers against the prediction as generated (padding changes the token counts: gold `U.S. Army`
-      against `Army` is F1 50 there, 66.7 officially).
+      unpadded context (`recover_span`). 'padded': as T5 (and the original ATTEMPT code on examples with
+      one answer), the padded gold answers against the prediction as generated (padding changes the token
+      counts: gold `U.S. Army` against `Army` is F1 50 there, 66.7 officially). 'padded_joined': as the
+      original ATTEMPT code on every example: one gold, the padded answers joined by spaces (its target
+      string), against the prediction as generated.
   """
   if qa_scoring not in QA_SCORING:
     raise ValueError(f"get_qa_scoring.qa_scoring must be one of {QA_SCORING}, got {qa_scoring!r}")
@@ -139,11 +141,13 @@ def qa(output: str, example: Optional[Mapping[str, Any]] = None, is_target: bool
   """QA / ReCoRD: a target becomes the list of gold answers, a prediction its text (see `get_qa_scoring`).
 
   Targets: `example['gold_answers']` (the dataset's own) under 'official' scoring, `example['answers']`
-  (as the targets are written) under 'padded' scoring or when the example has no `gold_answers` (ReCoRD).
+  (as the targets are written) under 'padded' scoring or when the example has no `gold_answers` (ReCoRD),
+  those joined by spaces into one gold under 'padded_joined' (QA tasks with `gold_answers` only).
   Predictions: under 'official' scoring and with `example['context']` (tasks whose text is padded), the
   unpadded context span the prediction stands for (`recover_span`). Normalization happens in the metric.
   """
-  official = get_qa_scoring() == "official"
+  scoring = get_qa_scoring()
+  official = scoring == "official"
   if not is_target:
     prediction = _text(output)
     if official and example is not None and "context" in example:
@@ -153,4 +157,6 @@ def qa(output: str, example: Optional[Mapping[str, Any]] = None, is_target: bool
     return [_text(output)]
   key = "gold_answers" if official and "gold_answers" in example else "answers"
   answers = [_text(a) for a in np.asarray(example[key]).reshape([-1])]
+  if scoring == "padded_joined" and "gold_answers" in example:
+    return [" ".join(answers)]
   return answers or [""]
