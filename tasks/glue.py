@@ -1,4 +1,5 @@
-"""GLUE tasks: MNLI, QQP, QNLI, SST-2 (also ATTEMPT source tasks), STS-B, MRPC, RTE, CoLA."""
+"""GLUE tasks: MNLI, QQP, QNLI, SST-2 (also ATTEMPT source tasks), STS-B, MRPC, RTE, CoLA, and WNLI (not
+in the paper's tables; part of the original code's multi-task GLUE group)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ _CLASS_NAMES = {  # TFDS glue ClassLabel names, so local files may write labels 
     "glue_mrpc": ("not_equivalent", "equivalent"),
     "glue_rte": ("entailment", "not_entailment"),
     "glue_cola": ("unacceptable", "acceptable"),
+    "glue_wnli": ("not_entailment", "entailment"),
 }
 
 
@@ -39,7 +41,7 @@ def classification_spec(name: str, config: str, prefix: str, fields: Sequence[tu
   features["label"] = reg.CLASS
   return reg.TaskSpec(
       name=name, tfds_name=f"glue/{config}:{GLUE_VERSION}", features=features, plan=plan,
-      formatter=preprocessors.classification(prefix, fields, words, name),
+      formatter=preprocessors.classification(preprocessors.TaskPrefix(prefix), fields, words, name),
       postprocess_fn=postprocessors.class_id(words), metric_fns=tuple(metric_fns), label_words=words,
       label_names={"label": _CLASS_NAMES[name]})
 
@@ -64,15 +66,19 @@ RTE = classification_spec(
 COLA = classification_spec(
     "glue_cola", "cola", "cola", [("sentence", "sentence")], splits.halve_validation(),
     [metrics.matthews_corrcoef])
+WNLI = classification_spec(  # A small dataset: the original halves its validation set, like RTE's.
+    "glue_wnli", "wnli", "wnli", [("sentence1", "sentence1"), ("sentence2", "sentence2")],
+    splits.halve_validation(), [metrics.accuracy])
 
 STSB = reg.TaskSpec(
     name="glue_stsb", tfds_name=f"glue/stsb:{GLUE_VERSION}",
     features={"sentence1": reg.TEXT, "sentence2": reg.TEXT, "label": reg.FLOAT},
     plan=splits.halve_validation(),
-    formatter=preprocessors.stsb("stsb", [("sentence1", "sentence1"), ("sentence2", "sentence2")]),
+    formatter=preprocessors.stsb(preprocessors.TaskPrefix("stsb"),
+                                 [("sentence1", "sentence1"), ("sentence2", "sentence2")]),
     postprocess_fn=postprocessors.string_to_float(default=-1.0),
     metric_fns=(metrics.pearson, metrics.spearman))
 
-SPECS = [MNLI, QQP, QNLI, SST2, STSB, MRPC, RTE, COLA]
+SPECS = [MNLI, QQP, QNLI, SST2, STSB, MRPC, RTE, COLA, WNLI]
 for _spec in SPECS:
   reg.register(_spec)

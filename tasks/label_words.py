@@ -16,6 +16,7 @@ LABEL_WORDS: dict[str, tuple[str, ...]] = {
     "glue_mrpc": ("not_equivalent", "equivalent"),
     "glue_rte": ("entailment", "not_entailment"),
     "glue_cola": ("unacceptable", "acceptable"),
+    "glue_wnli": ("not_entailment", "entailment"),  # TFDS order: 0 is not_entailment (unlike RTE).
     # SuperGLUE (TFDS super_glue class order).
     "superglue_multirc": ("False", "True"),
     "superglue_boolq": ("False", "True"),

@@ -1,6 +1,11 @@
 """Extractive QA: SQuAD v1.1 (an ATTEMPT source task) and the MRQA 2019 datasets NQ, HotpotQA,
-SearchQA, NewsQA. Inputs '<prefix> question: Q context: C', target the first gold answer; EM / F1 take
-the max over all gold answers after SQuAD normalization."""
+SearchQA, NewsQA.
+
+Inputs '<prefix> question: Q context: C' with punctuation padded (the format of T5 and the original code),
+target the first gold answer. EM / F1 are the official SQuAD v1.1 / MRQA script's by default (the dataset's
+own gold answers, max over them); `postprocessors.get_qa_scoring` switches to the padded scoring of T5 and
+the original code. The original code formats the MRQA datasets with its SQuAD task, so their inputs start
+with `squad`: `preprocessors.get_prefix_style.prefix_style = 'original'` does the same."""
 
 from __future__ import annotations
 
@@ -12,12 +17,14 @@ from prompt_mix.data import splits
 
 SQUAD_VERSION = "3.0.0"
 MRQA_VERSION = "1.0.0"
+ORIGINAL_MRQA_PREFIX = "squad"  # The original code's prefix of every MRQA dataset.
 
 SQUAD = reg.TaskSpec(
     name="squad", tfds_name=f"squad/v1.1:{SQUAD_VERSION}",
     features={"question": reg.TEXT, "context": reg.TEXT, "answers": {"text": reg.TEXTS}},
     plan=splits.carve_train(),
-    formatter=preprocessors.question_answering("squad", answers_path=("answers", "text")),
+    formatter=preprocessors.question_answering(preprocessors.TaskPrefix("squad"),
+                                               answers_path=("answers", "text")),
     postprocess_fn=postprocessors.qa, metric_fns=(metrics.squad,))
 
 
@@ -27,7 +34,8 @@ def mrqa_spec(name: str, config: str, prefix: str) -> reg.TaskSpec:
       name=name, tfds_name=f"mrqa/{config}:{MRQA_VERSION}",
       features={"question": reg.TEXT, "context": reg.TEXT, "answers": reg.TEXTS},
       plan=splits.carve_train(),
-      formatter=preprocessors.question_answering(prefix),
+      formatter=preprocessors.question_answering(
+          preprocessors.TaskPrefix(prefix, original=ORIGINAL_MRQA_PREFIX)),
       postprocess_fn=postprocessors.qa, metric_fns=(metrics.squad,))
 
 

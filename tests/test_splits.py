@@ -22,6 +22,7 @@ RAW_SIZES = {
     "glue_mrpc": {"train": 3668, "validation": 408},
     "glue_rte": {"train": 2490, "validation": 277},
     "glue_cola": {"train": 8551, "validation": 1043},
+    "glue_wnli": {"train": 635, "validation": 71},
     "superglue_boolq": {"train": 9427, "validation": 3270},
     "superglue_cb": {"train": 250, "validation": 56},
     "superglue_wic": {"train": 5428, "validation": 638},

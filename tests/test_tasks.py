@@ -83,7 +83,7 @@ def test_vocabulary_defaults_to_t5_and_is_overridable(monkeypatch):
 
 
 def test_all_paper_tasks_and_variants_are_registered():
-  assert len(SPECS) == 23
+  assert len(SPECS) == 24  # The paper's 23 datasets and WNLI (the original's ATTEMPT-m GLUE group).
   names = set(seqio.TaskRegistry.names())
   for name, spec in SPECS.items():
     assert name in names
@@ -91,7 +91,7 @@ def test_all_paper_tasks_and_variants_are_registered():
       for seed in (0, 1, 2):
         assert f"{name}_k{k}_seed{seed}" in names
     assert (f"{name}_rank" in names) == bool(spec.label_words)
-  assert {task_ids.TASK_IDS[name] for name in SPECS} == set(range(23))  # The paper's block of ids.
+  assert {task_ids.TASK_IDS[name] for name in SPECS} == set(range(24))  # The paper's block of ids, WNLI.
   assert len(set(task_ids.TASK_IDS.values())) == len(task_ids.TASK_IDS)
 
 
@@ -134,7 +134,7 @@ def test_few_shot_tasks(mock_tfds, name):
 
 def test_mixtures_and_capped_rates(mock_tfds):
   expected = {"attempt_source_mixture": 6, "glue_mixture": 8, "superglue_mixture": 5, "mrqa_mixture": 4,
-              "others_mixture": 4, "attempt_m_glue_mixture": 8, "attempt_m_superglue_mixture": 4,
+              "others_mixture": 4, "attempt_m_glue_mixture": 9, "attempt_m_superglue_mixture": 4,
               "attempt_m_others_mixture": 4}
   for name, size in expected.items():
     assert len(seqio.get_mixture_or_task(name).tasks) == size, name
@@ -144,7 +144,8 @@ def test_mixtures_and_capped_rates(mock_tfds):
   winogrande = seqio.get_mixture_or_task("winogrande")
   assert mixture.get_rate(winogrande) == MOCK_EXAMPLES // 2  # carve_train on mock data: n - n // 2.
   assert mixtures.rate_num_examples(winogrande, maximum=7) == 7
-  assert mixtures.DEFAULT_RATE_CAP == 100_000
+  # The paper / original code concatenate the training sets: no cap by default; T5's cap is the option.
+  assert mixtures.DEFAULT_RATE_CAP is None and mixtures.T5_RATE_CAP == 100_000
 
 
 # ------------------------------------------------------------------------------------ formatters
@@ -261,3 +262,102 @@ def test_feature_converter_requires_task_id():
     feature_converter.TaskIdEncDecFeatureConverter()(ds, {"inputs": 4, "targets": 4})
   out = feature_converter.TaskIdEncDecFeatureConverter(default_task_id=3)(ds, {"inputs": 4, "targets": 4})
   assert next(out.as_numpy_iterator())["task_ids"] == 3
+
+
+# ------------------------------------------------------------------- fidelity to the original code
+# The `task_name` lists of the original code's multi-task configs (AkariAsai/ATTEMPT,
+# attempt/configs/attempt/eval_glue.json -- the released attempt_mt_glue model --,
+# multi_task_superglue.json, multi_task_others.json), copied from them, with this project's task names.
+ORIGINAL_CONFIG_TASKS = {
+    "attempt_m_glue_mixture": ["mnli", "qqp", "qnli", "sst2", "rte", "mrpc", "wnli", "stsb", "cola"],
+    "attempt_m_superglue_mixture": ["superglue-boolq", "superglue-cb", "superglue-wic", "superglue-wsc.fixed"],
+    "attempt_m_others_mixture": ["paws", "winogrande", "scitail", "yelp_polarity"],
+}
+OUR_NAME = {"mnli": "glue_mnli", "qqp": "glue_qqp", "qnli": "glue_qnli", "sst2": "glue_sst2", "rte": "glue_rte",
+            "mrpc": "glue_mrpc", "wnli": "glue_wnli", "stsb": "glue_stsb", "cola": "glue_cola",
+            "superglue-boolq": "superglue_boolq", "superglue-cb": "superglue_cb", "superglue-wic": "superglue_wic",
+            "superglue-wsc.fixed": "superglue_wsc", "paws": "paws_wiki", "winogrande": "winogrande",
+            "scitail": "scitail", "yelp_polarity": "yelp_polarity"}
+
+
+def test_attempt_m_groups_are_the_original_configs_in_their_order():
+  for mixture, original in ORIGINAL_CONFIG_TASKS.items():
+    ours = [OUR_NAME[name] for name in original]
+    assert list(mixtures.ORIGINAL_TASK_ORDER[mixture]) == ours
+    assert sorted(t.name for t in seqio.get_mixture_or_task(mixture).tasks) == sorted(ours)
+  assert task_ids.task_names_of("attempt_m_glue_mixture") == sorted(mixtures.ORIGINAL_TASK_ORDER[
+      "attempt_m_glue_mixture"])  # The default local order stays the sorted names.
+
+
+class _SizedTask:
+  """Stands in for a seqio.Task in `rate_num_examples`: its number of training examples."""
+
+  def __init__(self, name, n):
+    self.name, self.n, self.cache_dir = name, n, None
+
+  def num_input_examples(self, split):
+    assert split == "train"
+    return self.n
+
+
+def test_glue_group_rates_concatenate_by_default_and_cap_as_an_option():
+  # Training-set sizes of the 9 tasks (docs/tasks.md's table; WNLI 635).
+  sizes = {"glue_mnli": 392_702, "glue_qqp": 362_846, "glue_qnli": 103_743, "glue_sst2": 66_349,
+           "glue_rte": 2_490, "glue_mrpc": 3_668, "glue_wnli": 635, "glue_stsb": 5_749, "glue_cola": 8_551}
+  tasks = [_SizedTask(n, k) for n, k in sizes.items()]
+
+  def share_of_mnli(**kwargs):
+    rates = {t.name: mixtures.rate_num_examples(t, **kwargs) for t in tasks}
+    return rates["glue_mnli"] / sum(rates.values())
+
+  # Concatenation: MNLI's share is its share of the examples, 392,702 / 946,733.
+  assert share_of_mnli() == pytest.approx(392_702 / 946_733) == pytest.approx(0.4148, abs=1e-4)
+  capped = 100_000 / (3 * 100_000 + 66_349 + 2_490 + 3_668 + 635 + 5_749 + 8_551)
+  assert share_of_mnli(maximum=mixtures.T5_RATE_CAP) == pytest.approx(capped) == pytest.approx(0.2581, abs=1e-4)
+
+
+def test_wnli_task():
+  spec = SPECS["glue_wnli"]
+  assert spec.label_words == ("not_entailment", "entailment")  # TFDS class order: 0 is not_entailment.
+  assert spec.plan.kind == "halve_validation" and task_ids.task_id("glue_wnli") == 23
+  out = _format(spec.formatter, {"sentence1": "The cat sat.", "sentence2": "It sat.", "label": np.int64(1)})
+  assert out == {"inputs": b"wnli sentence1: The cat sat. sentence2: It sat.", "targets": b"entailment"}
+
+
+def _with_prefix_style(style, fn):
+  import gin  # pylint: disable=g-import-not-at-top
+  with gin.unlock_config():
+    gin.bind_parameter("prompt_mix.data.preprocessors.get_prefix_style.prefix_style", style)
+  try:
+    return fn()
+  finally:
+    gin.clear_config()
+
+
+QA_EXAMPLE = {"question": "Who?", "context": "Tom.", "answers": ["Tom"]}
+
+
+@pytest.mark.parametrize("name, example, short, original, none", [
+    ("superglue_boolq", {"question": "q", "passage": "p", "label": np.int64(1)},
+     b"boolq question: q passage: p", b"superglue-boolq question: q passage: p", b"question: q passage: p"),
+    ("superglue_wsc", {"text": "He ran .", "span1_index": np.int32(0), "span1_text": "He",
+                       "span2_index": np.int32(1), "span2_text": "ran", "label": np.int64(0)},
+     b"wsc text: * He * # ran # .", b"superglue-wsc.fixed text: * He * # ran # .", b"text: * He * # ran # ."),
+    ("superglue_record", {"passage": "P.", "query": "@placeholder won.", "entities": ["A"], "answers": ["A"]},
+     b"record query: @placeholder won. entities: A passage: P.",
+     b"superglue-record record query: @placeholder won. entities: A passage: P.",
+     b"record query: @placeholder won. entities: A passage: P."),
+    ("mrqa_natural_questions", QA_EXAMPLE, b"nq question: Who ? context: Tom .",
+     b"squad question: Who ? context: Tom .", b"question: Who ? context: Tom ."),
+    ("mrqa_newsqa", QA_EXAMPLE, b"newsqa question: Who ? context: Tom .",
+     b"squad question: Who ? context: Tom .", b"question: Who ? context: Tom ."),
+    ("glue_mnli", {"premise": "a", "hypothesis": "b", "label": np.int64(0)},
+     b"mnli premise: a hypothesis: b", b"mnli premise: a hypothesis: b", b"premise: a hypothesis: b"),
+])
+def test_prefix_styles(name, example, short, original, none):
+  """'original' reproduces the original code's inputs: its task names, and `squad` for all four MRQA
+  datasets (its code formats them with its SQuAD task, `name = "squad"`)."""
+  formatter = SPECS[name].formatter
+  assert _format(formatter, example)["inputs"] == short
+  assert _with_prefix_style("original", lambda: _format(formatter, example))["inputs"] == original
+  assert _with_prefix_style("none", lambda: _format(formatter, example))["inputs"] == none

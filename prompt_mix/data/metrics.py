@@ -91,12 +91,18 @@ def multirc_exact_match(targets: Sequence[Mapping[str, Any]],
 
 
 # ------------------------------------------------------------------------------------- SQuAD-style
+# The official SQuAD v1.1 script (`evaluate-v1.1.py`) and the MRQA 2019 script (`mrqa_official_eval.py`,
+# adapted from it) define `normalize_answer`, `f1_score`, `exact_match_score` and
+# `metric_max_over_ground_truths`; T5's `qa_utils.normalize_squad` / `qa_metrics` are the same. These are
+# those definitions; tests/test_metrics.py checks them against a re-statement of the scripts. Which gold
+# answers and which prediction text reach them is `postprocessors.get_qa_scoring`'s choice.
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = set(string.punctuation)
 
 
 def normalize_squad(text: str) -> str:
-  """The official SQuAD v1.1 answer normalization: lower case, drop punctuation, articles, extra spaces."""
+  """The official answer normalization: lower case, drop ASCII punctuation, then the words a / an / the,
+  then collapse whitespace."""
   text = text.lower()
   text = "".join(ch for ch in text if ch not in _PUNCTUATION)
   text = _ARTICLES.sub(" ", text)
@@ -116,7 +122,8 @@ def _token_f1(target: str, prediction: str) -> float:
 
 
 def squad(targets: Sequence[Sequence[str]], predictions: Sequence[str]) -> dict[str, float]:
-  """{'em', 'f1'}: SQuAD exact match and token F1, each the max over the gold answers, in percent.
+  """{'em', 'f1'}: the official SQuAD / MRQA exact match and token F1 (bag of normalized whitespace tokens),
+  each the max over the gold answers, averaged over examples, in percent.
 
   Args:
     targets: per example, the list of gold answers (a bare string counts as one answer).

@@ -9,23 +9,75 @@ plus, for evaluation, features the postprocessors read (`answers` for QA, `group
 The formatters are graph-mode TF (no py_function), so pipelines stay fast and serializable. The
 per-dataset formatters reproduce the text operations of T5 / the original ATTEMPT code (WSC span marks,
 MultiRC markup removal, ReCoRD highlights, SQuAD punctuation padding) without their known bugs; the
-differences are listed in docs/tasks.md.
+differences are listed in docs/fidelity.md.
+
+The task prefix that starts the inputs follows `get_prefix_style` (gin), read when a dataset is built, so a
+binding parsed after the tasks were registered applies.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence, Union
 
+import gin
 import seqio
 import tensorflow as tf
 
 Example = Mapping[str, Any]
 Formatter = Callable[[Example], dict[str, tf.Tensor]]
+PREFIX_STYLES = ("short", "original", "none")
+
+
+# ------------------------------------------------------------------------------------ task prefixes
+@gin.configurable
+def get_prefix_style(prefix_style: str = "short") -> str:
+  """Which task prefix starts the inputs.
+
+  Args:
+    prefix_style: 'short' (default): short T5-style task names (`boolq`, `nq`); 'original': the original
+      ATTEMPT code's (`superglue-boolq`; `squad` for all four MRQA datasets, which its code formats with
+      its SQuAD task; `superglue-record record` for ReCoRD); 'none': no task prefix (the original's
+      adapter baselines, `add_prefix=False`; ReCoRD keeps its `record` word, hard-coded there).
+  """
+  if prefix_style not in PREFIX_STYLES:
+    raise ValueError(f"get_prefix_style.prefix_style must be one of {PREFIX_STYLES}, got {prefix_style!r}")
+  return prefix_style
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPrefix:
+  """A task's input prefix in each style of `get_prefix_style`.
+
+  Attributes:
+    short: the default prefix, e.g. 'boolq'.
+    original: the original ATTEMPT code's, e.g. 'superglue-boolq' (None: the same as `short`).
+    bare: the prefix under style 'none' ('' omits it).
+  """
+
+  short: str
+  original: Union[str, None] = None
+  bare: str = ""
+
+  def resolve(self) -> str:
+    style = get_prefix_style()
+    if style == "original":
+      return self.short if self.original is None else self.original
+    return self.bare if style == "none" else self.short
+
+
+Prefix = Union[str, TaskPrefix]
+
+
+def resolve_prefix(prefix: Prefix) -> str:
+  """The prefix text now: a `TaskPrefix` by the current style, a plain string as it is."""
+  return prefix.resolve() if isinstance(prefix, TaskPrefix) else prefix
 
 
 # ------------------------------------------------------------------------------------- text pieces
-def join_fields(prefix: str, pieces: Sequence[tuple[str, tf.Tensor]]) -> tf.Tensor:
+def join_fields(prefix: Prefix, pieces: Sequence[tuple[str, tf.Tensor]]) -> tf.Tensor:
   """'prefix f1: t1 f2: t2' from (field label, text) pairs; an empty prefix is omitted."""
+  prefix = resolve_prefix(prefix)
   parts = [tf.constant(prefix)] if prefix else []
   for label, text in pieces:
     parts += [tf.constant(f"{label}:"), text]
@@ -44,7 +96,15 @@ def label_word(label: tf.Tensor, label_words: Sequence[str], task: str) -> tf.Te
 
 
 def pad_punctuation(text: tf.Tensor) -> tf.Tensor:
-  """T5's SQuAD preprocessing: spaces around every punctuation mark, whitespace runs collapsed, stripped."""
+  r"""Spaces around every character that is not a letter, number, mark, `_` or whitespace; whitespace runs
+  collapsed to one space; stripped.
+
+  This is the original ATTEMPT code's `pad_punctuation` (its regex `[^_\s\p{N}\p{L}\p{M}]`, which is also
+  mT5's). T5's own SQuAD preprocessing (`t5.data.preprocessors._pad_punctuation`) pads `[[:punct:]]`, the
+  ASCII punctuation only: unlike T5's, this one also pads non-ASCII punctuation and symbols (`–`, `“`,
+  `€`) and does not pad `_`, and the result is stripped. `postprocessors.pad_punctuation` is its Python
+  twin (RE2's `\s` is the ASCII whitespace `[\t\n\f\r ]`).
+  """
   text = tf.strings.regex_replace(text, r"([^_\s\p{N}\p{L}\p{M}])", r" \1 ")
   return tf.strings.strip(tf.strings.regex_replace(text, r"\s+", " "))
 
@@ -90,7 +150,7 @@ def mark_spans(text: tf.Tensor, spans: Sequence[tuple[tf.Tensor, tf.Tensor, str]
 
 
 # --------------------------------------------------------------------------------------- formatters
-def classification(prefix: str, fields: Sequence[tuple[str, str]], label_words: Sequence[str], task: str,
+def classification(prefix: Prefix, fields: Sequence[tuple[str, str]], label_words: Sequence[str], task: str,
                    label_key: str = "label") -> Formatter:
   """Formatter for '<prefix> <label>: <text> ...' -> label word.
 
@@ -105,7 +165,7 @@ def classification(prefix: str, fields: Sequence[tuple[str, str]], label_words: 
   return fn
 
 
-def stsb(prefix: str, fields: Sequence[tuple[str, str]]) -> Formatter:
+def stsb(prefix: Prefix, fields: Sequence[tuple[str, str]]) -> Formatter:
   """STS-B: the target is the similarity on the 0.2 grid ('3.4')."""
 
   def fn(ex):
@@ -115,7 +175,7 @@ def stsb(prefix: str, fields: Sequence[tuple[str, str]]) -> Formatter:
   return fn
 
 
-def wsc(prefix: str, label_words: Sequence[str], task: str) -> Formatter:
+def wsc(prefix: Prefix, label_words: Sequence[str], task: str) -> Formatter:
   """SuperGLUE WSC: '<prefix> text: # He # asked * John * ...' (noun in '*', pronoun in '#')."""
 
   def fn(ex):
@@ -127,7 +187,7 @@ def wsc(prefix: str, label_words: Sequence[str], task: str) -> Formatter:
   return fn
 
 
-def multirc(prefix: str, label_words: Sequence[str], task: str) -> Formatter:
+def multirc(prefix: Prefix, label_words: Sequence[str], task: str) -> Formatter:
   """MultiRC: one (question, candidate answer) per example; `group` = 'paragraph/question' for EM."""
 
   def fn(ex):
@@ -145,28 +205,36 @@ def _first_or_empty(values: tf.Tensor) -> tf.Tensor:
   return tf.cond(tf.size(values) > 0, lambda: values[0], lambda: tf.constant(""))
 
 
-def question_answering(prefix: str, answers_path: Sequence[str] = ("answers",),
+def question_answering(prefix: Prefix, answers_path: Sequence[str] = ("answers",),
                        context_key: str = "context", question_key: str = "question",
                        punctuation: bool = True) -> Formatter:
-  """Extractive QA: '<prefix> question: Q context: C' -> first gold answer; `answers` keeps all golds.
+  """Extractive QA: '<prefix> question: Q context: C' -> first gold answer.
 
-  With `punctuation=True` (T5's and the original's SQuAD format) question, context and answers get
-  `pad_punctuation`; the metric normalizes both sides the same way, so scores are unaffected by it.
+  With `punctuation=True` (the format of T5 and the original code) question, context and answers get
+  `pad_punctuation`. Evaluation features:
+    answers       [k] the gold answers as the targets are written (padded with `punctuation`): what T5
+                      and the original score against (`postprocessors.get_qa_scoring` 'padded');
+    gold_answers  [k] the dataset's own gold answers: what the official SQuAD / MRQA script scores;
+    context       []  with `punctuation` only: the unpadded context, from which `postprocessors.qa` takes
+                      the original text of a padded predicted span before official scoring.
   """
   pad = pad_punctuation if punctuation else (lambda t: t)
 
   def fn(ex):
-    answers = ex
+    gold = ex
     for key in answers_path:
-      answers = answers[key]
-    answers = pad(answers)
+      gold = gold[key]
+    answers = pad(gold)
     inputs = join_fields(prefix, [("question", pad(ex[question_key])), ("context", pad(ex[context_key]))])
-    return {"inputs": inputs, "targets": _first_or_empty(answers), "answers": answers}
+    out = {"inputs": inputs, "targets": _first_or_empty(answers), "answers": answers, "gold_answers": gold}
+    if punctuation:
+      out["context"] = ex[context_key]
+    return out
 
   return fn
 
 
-def record(prefix: str) -> Formatter:
+def record(prefix: Prefix) -> Formatter:
   """ReCoRD: '<prefix> query: Q entities: e1, e2 passage: P' -> first gold entity; `answers` = all."""
 
   def fn(ex):

@@ -65,7 +65,8 @@ class TaskSpec:
     label_words: the class words of a classification task (index = TFDS class id); enables `_rank`.
     label_names: field path -> TFDS class names, so local files may write labels by name.
     train_transform: optional transform of the raw train split (ReCoRD: one example per answer).
-    task_id: global id; default `task_ids.task_id(name)`.
+    task_id: global id; default `task_ids.task_id(name)`. When set, `register` enters it in
+      `task_ids.TASK_IDS` under `name` (it may be a built-in task's id: the copy then shares it).
     source_text: human-readable source for docs, e.g. 'TFDS glue/mnli'.
   """
 
@@ -85,11 +86,19 @@ class TaskSpec:
   def global_task_id(self) -> int:
     return task_ids.task_id(self.name) if self.task_id is None else self.task_id
 
+  @property
+  def num_classes(self) -> dict[str, int]:
+    """Field path -> number of classes: of each named label field, and of `label` from the label words."""
+    counts = {path: len(names) for path, names in self.label_names.items()}
+    if self.label_words and "label" in self.features and "label" not in counts:
+      counts["label"] = len(self.label_words)
+    return counts
+
   def source(self, few_shot: Optional[tuple[int, int]] = None,
              splits: Sequence[str] = splits_lib.SPLITS) -> sources.SplitSource:
     return sources.SplitSource(self.name, self.tfds_name, self.features, self.plan, few_shot=few_shot,
                                splits=splits, label_names=self.label_names,
-                               train_transform=self.train_transform)
+                               train_transform=self.train_transform, num_classes=self.num_classes)
 
 
 def few_shot_name(name: str, k: int, seed: int) -> str:
@@ -112,6 +121,14 @@ def _common_preprocessors(spec: TaskSpec, extra: Sequence[Callable[..., Any]] = 
   ]
 
 
+def _check_task_id(spec: TaskSpec) -> None:
+  """Enters `spec.task_id` in the global table (shared ids allowed), or checks that the name has an id."""
+  if spec.task_id is not None:
+    task_ids.register_task_id(spec.name, spec.task_id, shared=True)
+  else:
+    task_ids.task_id(spec.name)  # KeyError saying how to give it one.
+
+
 def _add(name: str, **kwargs) -> seqio.Task:
   if name in seqio.TaskRegistry.names():
     raise ValueError(f"Task {name!r} is already registered")
@@ -120,6 +137,7 @@ def _add(name: str, **kwargs) -> seqio.Task:
 
 def register_base(spec: TaskSpec) -> seqio.Task:
   """Registers `spec.name`: the paper's train / validation / test."""
+  _check_task_id(spec)
   return _add(spec.name, source=spec.source(), preprocessors=_common_preprocessors(spec),
               output_features=output_features(), postprocess_fn=spec.postprocess_fn,
               metric_fns=list(spec.metric_fns))
@@ -127,6 +145,7 @@ def register_base(spec: TaskSpec) -> seqio.Task:
 
 def register_few_shot(spec: TaskSpec, k: int, seed: int) -> seqio.Task:
   """Registers `<name>_k<k>_seed<seed>`: k training examples drawn with `seed`."""
+  _check_task_id(spec)
   return _add(few_shot_name(spec.name, k, seed), source=spec.source(few_shot=(k, seed)),
               preprocessors=_common_preprocessors(spec), output_features=output_features(),
               postprocess_fn=spec.postprocess_fn, metric_fns=list(spec.metric_fns))
@@ -136,6 +155,7 @@ def register_rank(spec: TaskSpec, length_normalize: bool = False) -> seqio.Task:
   """Registers `<name>_rank`: validation / test, one row per label word, scored by rank metrics."""
   if not spec.label_words:
     raise ValueError(f"{spec.name}: rank classification needs label words")
+  _check_task_id(spec)
   expand = rank_classification.expand_choices_preprocessor(spec.label_words)
   return _add(rank_name(spec.name), source=spec.source(splits=("validation", "test")),
               preprocessors=_common_preprocessors(spec, extra=[expand]),

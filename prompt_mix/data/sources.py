@@ -52,6 +52,8 @@ class SplitSource(seqio.DataSource):
     plan: the `splits.SplitPlan`.
     few_shot: optional (k, seed): `train` is k examples of the plan's train split.
     label_names: field path -> class names (lets local files write labels by name).
+    num_classes: field path -> number of classes of class fields without names (local files are checked
+      against it).
     train_transform: optional `ds -> ds` applied to the train split only, after selection (ReCoRD
       trains on one example per gold answer).
   """
@@ -59,7 +61,8 @@ class SplitSource(seqio.DataSource):
   def __init__(self, task_name: str, tfds_name: str, features: FeatureSpec, plan: splits_lib.SplitPlan,
                few_shot: Optional[tuple[int, int]] = None, splits: Sequence[str] = splits_lib.SPLITS,
                label_names: Optional[Mapping[str, Sequence[str]]] = None,
-               train_transform: Optional[Callable[[tf.data.Dataset], tf.data.Dataset]] = None):
+               train_transform: Optional[Callable[[tf.data.Dataset], tf.data.Dataset]] = None,
+               num_classes: Optional[Mapping[str, int]] = None):
     for split in splits:
       if split not in splits_lib.SPLITS:
         raise ValueError(f"{task_name}: unknown split {split!r}")
@@ -70,6 +73,7 @@ class SplitSource(seqio.DataSource):
     self.plan = plan
     self.few_shot = few_shot
     self.label_names = dict(label_names or {})
+    self.num_classes = dict(num_classes or {})
     self.train_transform = train_transform
 
   @property
@@ -90,7 +94,7 @@ class SplitSource(seqio.DataSource):
     if data_dir:
       path = file_source.split_path(data_dir, self.task_name, raw_split)
       logging.info("%s: reading %s", self.task_name, path)
-      return file_source.load_split(path, self.features, self.label_names)
+      return file_source.load_split(path, self.features, self.label_names, self.num_classes)
     ds = tfds.load(self.tfds_name, split=raw_split, data_dir=get_tfds_data_dir(), shuffle_files=False,
                    download=True)
     where = f"TFDS {self.tfds_name}[{raw_split}]"

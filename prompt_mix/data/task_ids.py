@@ -7,7 +7,10 @@ in the list of N task names the leaves were built for. `LocalTaskIds(task_names)
 
 The table is append-only: ids of released tasks never change, so checkpoints and exported prompt banks
 keep their meaning. Few-shot (`glue_rte_k16_seed0`) and rank-classification (`glue_rte_rank`) variants
-share the id of their base task.
+share the id of their base task. A user task gets its id from `register_task_id(name, id)` or from its
+`TaskSpec(task_id=...)` (`registration.register` enters it here); a copy of a built-in task that keeps the
+built-in's id (docs/tasks.md) shares it: it stands in for that task in a bank, and the two cannot be in
+one bank together.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ TASK_IDS: dict[str, int] = {
     "yelp_polarity": 20,
     "scitail": 21,
     "paws_wiki": 22,
+    # Not in the paper's tables, in the released ATTEMPT-m GLUE group.
+    "glue_wnli": 23,
 }
 
 _VARIANT = re.compile(r"^(?P<base>.+?)(?:_k\d+_seed\d+)?(?:_rank)?$")
@@ -58,13 +63,33 @@ def base_task_name(name: str) -> str:
   return match.group("base") if match else name
 
 
-def register_task_id(name: str, global_id: int) -> int:
-  """Adds a user task to `TASK_IDS` (call before registering the task); re-adding the same pair is a no-op."""
-  taken = {v: k for k, v in TASK_IDS.items()}
+def next_free_task_id() -> int:
+  """A global id no task has (one above the largest)."""
+  return max(TASK_IDS.values()) + 1
+
+
+def register_task_id(name: str, global_id: int, shared: bool = False) -> int:
+  """Gives task `name` the global id `global_id`; re-adding the same pair is a no-op.
+
+  Call it before registering the task, or set `TaskSpec.task_id` (`registration.register` calls this).
+
+  Args:
+    name: a base task name (not a `_k<k>_seed<s>` / `_rank` variant name, which take their base's id).
+    global_id: a non-negative int.
+    shared: allow an id that another task has: the new task then counts as that task for task ids (a
+      copy of a built-in task with other label words). Without it a taken id is an error.
+  """
+  if base_task_name(name) != name:
+    raise ValueError(f"Task name {name!r} ends like a variant of {base_task_name(name)!r} (_k<k>_seed<s> / "
+                     f"_rank are the few-shot and rank-classification variants); choose another name")
+  if isinstance(global_id, bool) or not isinstance(global_id, int) or global_id < 0:
+    raise ValueError(f"Task {name!r}: a global task id is a non-negative int, got {global_id!r}")
   if TASK_IDS.get(name, global_id) != global_id:
     raise ValueError(f"Task {name!r} already has global id {TASK_IDS[name]}, not {global_id}")
-  if taken.get(global_id, name) != name:
-    raise ValueError(f"Global task id {global_id} is taken by {taken[global_id]!r}")
+  holders = sorted(k for k, v in TASK_IDS.items() if v == global_id and k != name)
+  if holders and not shared:
+    raise ValueError(f"Global task id {global_id} is taken by {holders[0]!r}: give {name!r} a free id "
+                     f"(e.g. {next_free_task_id()}), or pass shared=True to make it count as {holders[0]!r}")
   TASK_IDS[name] = global_id
   return global_id
 
@@ -74,12 +99,13 @@ def task_id(name: str) -> int:
   base = base_task_name(name)
   if base not in TASK_IDS:
     raise KeyError(f"Task {name!r} (base {base!r}) has no global id in prompt_mix.data.task_ids.TASK_IDS; "
-                   f"append it there or call register_task_id(name, id). Known: {sorted(TASK_IDS)}")
+                   f"give its TaskSpec a task_id, or call register_task_id({base!r}, id) before registering "
+                   f"it (a free id: {next_free_task_id()})")
   return TASK_IDS[base]
 
 
 def task_name(global_id: int) -> str:
-  """Inverse of `task_id` for base tasks."""
+  """Inverse of `task_id` for base tasks (of a shared id: the task that had it first)."""
   for name, value in TASK_IDS.items():
     if value == global_id:
       return name
@@ -118,6 +144,13 @@ class LocalTaskIds:
     if len(set(self.task_names)) != len(self.task_names):
       raise ValueError(f"Duplicate tasks in {list(task_names)}")
     global_ids = [task_id(n) for n in self.task_names]
+    first = {}
+    for name, gid in zip(self.task_names, global_ids):
+      if gid in first:
+        raise ValueError(f"Tasks {first[gid]!r} and {name!r} share global task id {gid}, so their examples "
+                         f"cannot be told apart in one bank: give one of them an id of its own "
+                         f"(TaskSpec.task_id, e.g. {next_free_task_id()})")
+      first[gid] = name
     size = max(TASK_IDS.values()) + 1
     self.table = np.full([max(size, max(global_ids) + 1)], -1, np.int32)  # global -> local, -1 = absent
     self.table[global_ids] = np.arange(len(global_ids), dtype=np.int32)
