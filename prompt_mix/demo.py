@@ -7,9 +7,12 @@ Every step runs the binaries and gin files a user runs (`python -m prompt_mix.tr
      (`"max: cabd"` -> `d`), then export it as a T5X checkpoint: the frozen backbone of every later step;
   2. train four source prompts (a bank of independent prompts, one per source task) on bare strings
      (`"cabd"`), where only the prompt can say which function to apply; put them in a prompt library;
-  3. train ATTEMPT (mixing the library's prompts) and plain prompt tuning on a target task that applies a
-     source's function to longer strings;
-  4. evaluate both, draw the attention heatmap (target x sources), export the trained prompts.
+  3. train plain prompt tuning on a target task that applies a source's function to other strings, keeping
+     its early checkpoint as SPoT's task embedding of the target, and rank the library's sources by SPoT's
+     similarities to it (`python -m prompt_mix.attempt.library rank`) before any ATTEMPT run;
+  4. train ATTEMPT (mixing the library's prompts) on the target;
+  5. evaluate both, draw the attention heatmap (target x sources), export the trained prompts, and set
+     SPoT's ranking beside ATTEMPT's learned attention.
 
 The data are synthetic (prompt_mix/data/synthetic.py): the demo shows the machinery working together and
 what ATTEMPT's attention picks, not the papers' numbers.
@@ -34,8 +37,9 @@ _QUICK = flags.DEFINE_bool("quick", False, "Few steps per run: checks the pipeli
 SOURCES = ("src_max", "src_min", "src_after_max", "src_before_min")
 TARGET = "synthetic_tgt_max"
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 4}"
-STEPS = {"backbone": 1500, "sources": 600, "target": 300}
-QUICK_STEPS = {"backbone": 20, "sources": 10, "target": 10}
+# "spot": the prompt-tuning step whose prompt is SPoT's task embedding of the target (a third of the run).
+STEPS = {"backbone": 1500, "sources": 600, "target": 300, "spot": 100}
+QUICK_STEPS = {"backbone": 20, "sources": 10, "target": 10, "spot": 5}
 
 
 def _run(args: list[str], log: pathlib.Path) -> float:
@@ -100,19 +104,34 @@ def run_demo(workdir: str, steps: dict) -> dict:
   rows.append(("put them in a prompt library", str(library_dir), 0.0))
   print(f"[{len(rows)}] prompt library: {library.names()}", flush=True)
 
-  # 3. ATTEMPT and prompt tuning on the target.
-  runs = {}
-  for name, gin_file in (("attempt", "demo/attempt.gin"), ("prompt_tuning", "demo/prompt_tuning.gin")):
-    model_dir = work / name
-    method = [f"--gin_file={gin_file}", LENGTHS,
-              *_gin(f'MODEL_DIR="{model_dir}"', f"TRAIN_STEPS={steps['target']}", *frozen,
-                    f'PROMPT_LIBRARY="{library_dir}"' if name == "attempt" else "BATCH_SIZE=32")]
-    step(f"train {name} on {TARGET}", ["prompt_mix.train", *method], str(model_dir))
-    # 4. Evaluation (SeqIO metrics; ATTEMPT's mean attention per task).
+  # 3. Prompt tuning on the target; its step-`spot` checkpoint is SPoT's task embedding of the target.
+  runs = {name: work / name for name in ("attempt", "prompt_tuning")}
+  methods = {
+      name: [f"--gin_file=demo/{name}.gin", LENGTHS,
+             *_gin(f'MODEL_DIR="{model_dir}"', f"TRAIN_STEPS={steps['target']}", *frozen,
+                   f'PROMPT_LIBRARY="{library_dir}"' if name == "attempt" else "BATCH_SIZE=32")]
+      for name, model_dir in runs.items()}
+  step(f"train prompt_tuning on {TARGET}",
+       ["prompt_mix.train", *methods["prompt_tuning"], *_gin(f"CHECKPOINT_PERIOD={steps['spot']}")],
+       str(runs["prompt_tuning"]))
+  spot_export = runs["prompt_tuning"] / "spot_export"
+  step(f"export its step-{steps['spot']} prompt (SPoT's embedding)",
+       ["prompt_mix.export", *methods["prompt_tuning"], "--gin_file=runs/export.gin",
+        *_gin(f'EXPORT_DIR="{spot_export}"', "EXPORT_FORMATS=['npy']", f"CHECKPOINT_STEP={steps['spot']}")],
+       str(spot_export))
+  spot_file = work / "spot_ranking.json"
+  step("rank the library's sources by SPoT similarity",
+       ["prompt_mix.attempt.library", "rank", f"--library={library_dir}",
+        f"--target_prompt={spot_export / 'npy' / 'encoder' / 'prompt_tuning' / 'prompt.npy'}",
+        f"--output_json={spot_file}"], str(spot_file))
+  print((logs / f"{len(rows):02d}_library.log").read_text().rstrip(), flush=True)
+
+  # 4. ATTEMPT on the target, then 5. evaluation (SeqIO metrics; ATTEMPT's mean attention per task).
+  step(f"train attempt on {TARGET}", ["prompt_mix.train", *methods["attempt"]], str(runs["attempt"]))
+  for name, model_dir in runs.items():
     step(f"evaluate {name}",
-         ["prompt_mix.eval", *method, "--gin_file=runs/eval.gin", *_gin(f'EVAL_MIXTURE_OR_TASK_NAME="{TARGET}"')],
-         str(model_dir / "eval"))
-    runs[name] = model_dir
+         ["prompt_mix.eval", *methods[name], "--gin_file=runs/eval.gin",
+          *_gin(f'EVAL_MIXTURE_OR_TASK_NAME="{TARGET}"')], str(model_dir / "eval"))
 
   attention = runs["attempt"] / "eval" / f"attention_{steps['target']}.json"
   heatmap = work / "attention_heatmap.png"
@@ -132,6 +151,7 @@ def run_demo(workdir: str, steps: dict) -> dict:
     summary["runs"][name] = {"final_loss": train_metrics.get("loss"), **eval_metrics}
   table = json.loads(attention.read_text())
   summary["attention"] = table
+  summary["spot"] = json.loads(spot_file.read_text())
   (work / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
 
@@ -158,7 +178,30 @@ def format_summary(summary: dict) -> str:
   if weights.size:
     lines += ["", "ATTEMPT's mean attention on the target task:"]
     lines += [f"  {n:<16} {w:.3f}" for n, w in zip(names, weights[0])]
+  if summary.get("spot") and weights.size:
+    lines += ["", *format_source_choice(summary["spot"], names, weights[0])]
   return "\n".join(lines)
+
+
+def format_source_choice(spot: dict, candidates, attention) -> list[str]:
+  """SPoT's ranking (before ATTEMPT, from the target's short prompt-tuning run) beside ATTEMPT's attention.
+
+  Rows are the sources in SPoT's order; the ranks say where each source stands by each measure.
+  """
+  attention = {n: float(w) for n, w in zip(candidates, attention) if n != "target"}
+  order = sorted(attention, key=lambda n: -attention[n])
+  lines = [f"Choosing sources for {TARGET}: SPoT (prompt similarity, before training) vs ATTEMPT (attention):",
+           f"  {'source':<16} {'per_token_cos':>13} {'avg_cos':>8} {'SPoT rank':>9} {'attention':>9} "
+           f"{'ATTEMPT rank':>12}"]
+  for s in spot["sources"]:
+    name = s["name"]
+    rank = s["per_token_cos_rank"] if spot["sorted_by"] == "per_token_cos" else s["avg_cos_rank"]
+    seen = name in attention
+    lines.append(f"  {name:<16} {s['per_token_cos']:>13.3f} {s['avg_cos']:>8.3f} {rank:>9} "
+                 f"{attention[name] if seen else float('nan'):>9.3f} "
+                 f"{order.index(name) + 1 if seen else '-':>12}")
+  lines.append("  (synthetic data: an illustration of the tools, not evidence about transfer)")
+  return lines
 
 
 def main(argv):

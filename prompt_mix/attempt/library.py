@@ -28,6 +28,8 @@ python -m prompt_mix.attempt.library add    --library=DIR --name=mnli --file=mnl
                                             --task=mnli [--note=...] [--overwrite]
 python -m prompt_mix.attempt.library import --library=DIR --name=mnli --file=prefix_embeddings.pt ...
 python -m prompt_mix.attempt.library remove --library=DIR --name=mnli
+python -m prompt_mix.attempt.library rank   --library=DIR --target_prompt=target.npy     (source_commands.py)
+python -m prompt_mix.attempt.library prune  --library=DIR --attention=attention_<step>.json --top_k=K ...
 ```
 """
 
@@ -274,7 +276,12 @@ def import_attempt_release(file: str, library: PromptLibrary, name: str, *, back
 def _main(argv: Sequence[str]) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
-  commands = ("list", "add", "import", "remove")
+  from prompt_mix.attempt import source_commands  # pylint: disable=g-import-not-at-top
+  if len(argv) == 2 and argv[1] in source_commands.COMMANDS:  # rank, prune
+    if not f.library:
+      raise SystemExit("--library is required")
+    return source_commands.COMMANDS[argv[1]](f)
+  commands = ("list", "add", "import", "remove") + tuple(source_commands.COMMANDS)
   if len(argv) != 2 or argv[1] not in commands:
     raise SystemExit(f"usage: python -m prompt_mix.attempt.library {{{'|'.join(commands)}}} --library=DIR "
                      "[--name=... --file=... --backbone=... --task=... --note=... --overwrite]")
@@ -314,6 +321,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("task", "", "Task the prompt was trained on.")
   flags.DEFINE_string("note", None, "Free-form note.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing prompt of the same name.")
+  from prompt_mix.attempt import source_commands  # pylint: disable=g-import-not-at-top
+  source_commands.define_flags()
 
 
 if __name__ == "__main__":

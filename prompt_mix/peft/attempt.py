@@ -95,6 +95,11 @@ class Attempt(plugins.Delta):
     per_token: a softmax per prompt position (module docstring).
     unmasked_pooling: pool the input over all positions, padding included (the original's behaviour).
     gate_init_std: std of the normal init of W_down and W_up.
+    gate_init: a pre-trained gate G to start from instead of the random init (ATTEMPT's gate transfer):
+      any directory `load_gate` reads (an export's `npy/` directory of a run that trained G, e.g. on the
+      source tasks; or the original release's `attn_W_down.pt`, `attn_W_up.pt`). W_down and W_up are
+      required, the LayerNorm is taken when present. Read whenever the model is initialized; a restored
+      checkpoint's gate replaces it.
   """
 
   library_path: Optional[str] = None
@@ -110,6 +115,7 @@ class Attempt(plugins.Delta):
   per_token: bool = False
   unmasked_pooling: bool = False
   gate_init_std: float = 0.01
+  gate_init: Optional[str] = None
 
   def __post_init__(self):
     names = selection.as_tuple(self.source_names, "Attempt.source_names") or ()
@@ -132,6 +138,11 @@ class Attempt(plugins.Delta):
       raise ValueError("Attempt: constant_attention and per_token exclude each other (constant attention "
                        "has no scores to compute per token)")
     gate_lib.validate_temperature(self.temperature, "Attempt")
+    if self.gate_init is not None:
+      object.__setattr__(self, "gate_init", os.fspath(self.gate_init))
+      if self.constant_attention:
+        raise ValueError(f"Attempt(gate_init={self.gate_init!r}) with constant_attention=True: constant "
+                         "attention has no gate G to initialize")
     if self.library_path is None and (names or self.needs_library_target):
       raise ValueError(f"Attempt(source_names={names}, target_init={self.target_init!r}) reads the prompt "
                        "library but Attempt.library_path is not set (bind it, e.g. to %PROMPT_LIBRARY; or "
@@ -243,7 +254,12 @@ class AttemptPrompt(nn.Module):
       weights = jnp.full((batch, num_candidates), 1.0 / num_candidates, jnp.float32)
     else:
       x = gate_lib.pool_input(embedded, mask, cfg.unmasked_pooling)  # [B, d]
-      z = gate_lib.AttentionGate(cfg.bottleneck, cfg.gate_init_std, name=GATE_NAME)(x)  # [B, d]
+      gate = gate_lib.AttentionGate(cfg.bottleneck, cfg.gate_init_std, name=GATE_NAME)
+      fresh_gate = GATE_NAME not in self.variables.get(tasks.PEFT, {})
+      z = gate(x)  # [B, d]
+      if cfg.gate_init is not None and fresh_gate and self.is_mutable_collection(tasks.PEFT):
+        _initialize_gate(gate, cfg.gate_init)
+        z = gate(x)
       temperature = cfg.temperature or gate_lib.default_temperature(d)
       scores = []
       if cfg.per_token:  # s[b, i, j] = P_j[i] . z_b
@@ -399,6 +415,17 @@ def load_gate(peft: Mapping[str, Any], source: Union[str, os.PathLike, Mapping[s
     peft = _with_leaf(peft, ("encoder", MODULE_NAME, GATE_NAME, leaf),
                       _replace_leaf(node[leaf], np.asarray(array, np.float32), where))
   return peft
+
+
+def _initialize_gate(gate: nn.Module, source: str) -> None:
+  """Overwrites the leaves `gate` has just created with the pre-trained G of `source` (`gate_init`)."""
+  found = _read_gate_source(source)
+  missing = [leaf for leaf in ("w_down", "w_up") if leaf not in found]
+  if missing:
+    raise ValueError(f"Attempt.gate_init={source!r} lacks {missing} (found {sorted(found)})")
+  for leaf, (array, where) in found.items():
+    old = gate.get_variable(tasks.PEFT, leaf)
+    gate.put_variable(tasks.PEFT, leaf, _replace_leaf(old, np.asarray(array, np.float32), where))
 
 
 def load_target(peft: Mapping[str, Any], source: Union[str, os.PathLike, np.ndarray],
