@@ -2,7 +2,7 @@
 
 Writes JSONL, one line per example: `task`, `inputs`, `targets`, `prediction`, `score` (log-probability of
 the prediction) and, for ATTEMPT, `attention` (the weights over the candidates). The tasks of a mixture
-are interleaved, so each batch mixes tasks and one loaded backbone serves them all (design decision 4).
+are interleaved, so each batch mixes tasks and one loaded backbone serves them all (mixed-task serving, docs/design.md).
 """
 
 from prompt_mix import launch

@@ -301,7 +301,7 @@ def test_decoder_prefix_differs_from_peft_only_by_the_position_bias(tmp_path, re
   variables = init(model, batch)
   with pytest.raises(ef.ExportError, match="3 decoder self-attention sites"):
     ef.save_peft_adapter(variables, model, tmp_path / "refused")
-  adapter_config, table = ef.peft_prefix_tuning_table(variables, model)
+  adapter_config, table = prefix_lib.peft_prefix_tuning_table(variables, model)
   write_adapter(tmp_path / "adapter", adapter_config, {"prompt_embeddings": table})
 
   ours = logits(model, variables, batch)

@@ -313,3 +313,13 @@ def test_deltas_with_different_task_banks_are_refused():
     plugins.num_tasks((PromptTuning(length=2, num_tasks=2), PromptTuning(length=2, num_tasks=3, name="b")))
   assert plugins.num_tasks((PromptTuning(length=2, num_tasks=3), Toy())) == 3
   assert plugins.num_tasks((Toy(),)) is None
+
+
+def test_task_ids_outside_the_bank_are_refused_before_the_jitted_call():
+  """A bank of N gathers `task_ids[b]` inside jit, where id N would read NaN and -1 the last row."""
+  model = mc.make_model((PromptTuning(length=2, num_tasks=3, init="uniform"),))
+  for bad, named in (([0, 3, 1, 4], r"\[3, 4\]"), ([-1, 0, 0, 0], r"\[-1\]")):
+    with pytest.raises(ValueError, match=named + r" are out of range for the method's bank of 3 tasks"):
+      model.check_task_ids({"task_ids": np.asarray(bad)})
+  model.check_task_ids({"task_ids": np.asarray([0, 1, 2, 2])})
+  mc.make_model((PromptTuning(length=2),)).check_task_ids({"task_ids": np.asarray([7])})  # No bank.

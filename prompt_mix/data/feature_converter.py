@@ -1,4 +1,4 @@
-"""The model's feature converter: SeqIO's encoder-decoder conversion plus `task_ids` (design decision 6).
+"""The model's feature converter: SeqIO's encoder-decoder conversion plus `task_ids` (docs/design.md, Data).
 
 Task features:  inputs [n] int32, targets [t] int32 (EOS appended), task_id [1] int32 (global id).
 Model features (T5X names, after batching):

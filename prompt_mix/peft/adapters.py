@@ -30,7 +30,7 @@ peft/{encoder,decoder}/layers_i/mlp_adapter/down/kernel       [d, r]   ('prompt_
                                            /up/bias           [d]      ('prompt_embed',)
 ```
 
-Logical axes: `prompt_embed` for d and None for r (PEFT leaves are replicated, decision 5). With
+Logical axes: `prompt_embed` for d and None for r (PEFT leaves are replicated, docs/design.md, Partitioning). With
 `num_tasks=N` every leaf gains a leading `tasks` axis and each example uses its task's adapter.
 Parameters per adapted sublayer: 2rd + r + d (2rd without biases); the survey's table counts
 2rd x 3 x L for attention (encoder self, decoder self, cross) and 2rd x 2 x L for FFN, L layers per stack.

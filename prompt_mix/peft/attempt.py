@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prompt_mix.peft import attempt_gate as gate_lib
+from prompt_mix.attempt import interpret
 from prompt_mix.attempt import library as library_lib
 from prompt_mix.peft import selection
 from prompt_mix.peft import tasks
@@ -161,6 +162,23 @@ class Attempt(plugins.Delta):
     if site.stack == "encoder" and site.kind == "input":
       return AttemptPrompt(self, name=MODULE_NAME)
     return None
+
+  def write_evaluation(self, means, directory, step):
+    """Writes `attention_<step>.json` (the heatmap's table: each task's mean attention over the candidates,
+    averaged over the prompt positions for `per_token`) and returns `attention/<task>/<candidate>` scalars.
+    """
+    by_task = means.get(f"encoder/{MODULE_NAME}/{ATTENTION_WEIGHTS}")
+    if not by_task:
+      return {}
+    candidates = self.candidate_names
+    tasks_ = list(by_task)
+    table = np.stack([np.asarray(by_task[t]).reshape(-1, len(candidates)).mean(0) for t in tasks_])
+    if directory:
+      sources = [c for c in candidates if c != TARGET_CANDIDATE]
+      interpret.save_attention_table(os.path.join(directory, f"attention_{step}.json"), table, tasks_,
+                                     sources)
+    return {f"attention/{task}/{name}": float(table[i, j])
+            for i, task in enumerate(tasks_) for j, name in enumerate(candidates)}
 
 
 def load_sources(delta: Attempt, d: int) -> np.ndarray:

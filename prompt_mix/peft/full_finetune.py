@@ -1,4 +1,4 @@
-"""Full fine-tuning, the baseline: the whole backbone is trainable (design decision 2).
+"""Full fine-tuning, the baseline: the whole backbone is trainable (docs/design.md, Variables).
 
 `FullFineTune` plugs nothing into the backbone; it only sets `trains_backbone`, so
 `model.split_trainable` hands the trainer the `params` collection (the T5X `target` tree) instead of

@@ -16,7 +16,7 @@ peft/{encoder,decoder}/layers_i/mlp/{wi,wi_0,wi_1,wo}/lora/{a,b}
 peft/decoder/logits_dense/lora/{a,b}
 ```
 
-The axes are unnamed (None): PEFT leaves are replicated (decision 5).
+The axes are unnamed (None): PEFT leaves are replicated (docs/design.md, Partitioning).
 
 Parameters per adapted projection: r * (in + out); on W_q and W_v of one attention 2 r (d + h d_kv)
 (the survey's 4rd when h d_kv = d). `num_tasks=N` gives every leaf a leading `tasks` axis.
@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_mix import export_formats
 from prompt_mix.peft import adapters
 from prompt_mix.peft import selection
 from prompt_mix.peft import tasks as tasks_lib
@@ -167,6 +168,62 @@ class LoRA(plugins.Delta):
       return None
     return LoraModule(site.out_features, self.rank, self.scale, self.dropout_rate, self.num_tasks,
                       self.init_lora_weights, name=self.name)
+
+  # ------------------------------------------------------------------------------------------ HF PEFT
+  peft_types = ("LORA",)
+
+  def to_peft(self, leaves, config):
+    """LORA with `target_modules` = the exact module names, `r`, `lora_alpha` (transposed weights)."""
+    del config
+    pattern = re.compile(f"/{re.escape(self.name)}/[ab]$")
+    export_formats.expect_leaves(leaves, [k for k in leaves if pattern.search(k)], self)
+    for path, value in leaves.items():
+      r = value.shape[1] if path.endswith("/a") else value.shape[0]
+      if np.ndim(value) != 2 or r != self.rank:
+        raise ValueError(f"{path}: shape {list(np.shape(value))} is not a rank-{self.rank} LoRA matrix")
+    state = to_peft_state_dict(flax.traverse_util.unflatten_dict(
+        {tuple(k.split("/")): v for k, v in leaves.items()}), self.name)
+    modules = sorted({re.sub(r"\.lora_[AB]\.weight$", "", k).removeprefix(_PEFT_PREFIX) for k in state})
+    adapter = export_formats.adapter_config(
+        "LORA", r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout_rate, target_modules=modules,
+        fan_in_fan_out=False, bias="none", use_rslora=False, use_dora=False, init_lora_weights=True,
+        modules_to_save=None, rank_pattern={}, alpha_pattern={}, layers_to_transform=None,
+        layers_pattern=None)
+    return adapter, state
+
+  @classmethod
+  def from_peft(cls, adapter, tensors, config, name=None, approximate=False):
+    """LORA -> `.../<proj>/<name>/{a,b}` (transposed). Exact for `bias='none'` without DoRA,
+    `rank_pattern`/`alpha_pattern` or `modules_to_save`; rsLoRA's scale becomes alpha = lora_alpha sqrt(r).
+
+    Without a backbone `config` only the tree is meaningful (the delta is a best guess of its selection).
+    """
+    del approximate
+    problems = []
+    if adapter.get("bias", "none") != "none":
+      problems.append(f"bias={adapter['bias']!r} (trained biases)")
+    if adapter.get("use_dora"):
+      problems.append("use_dora=true")
+    for field in ("rank_pattern", "alpha_pattern"):
+      if adapter.get(field):
+        problems.append(f"{field}={adapter[field]}")
+    if adapter.get("modules_to_save"):
+      problems.append(f"modules_to_save={adapter['modules_to_save']}")
+    if problems:
+      raise ValueError(f"LoRA options without a counterpart here: {', '.join(problems)}")
+    name = name or "lora"
+    tree = from_peft_state_dict(tensors, name)
+    flat = {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+    candidates = _selections(flat, adapter, config, name)
+    if config is None:
+      return candidates[0], tree
+    for delta in candidates:  # The selection whose leaves on this backbone are the adapter's.
+      try:
+        if _leaf_shapes(delta, config) == {k: tuple(np.shape(v)) for k, v in flat.items()}:
+          return delta, tree
+      except ValueError:  # A selection that does not fit this backbone's depths.
+        continue
+    return candidates[0], tree
 
 
 def lora_param_count(in_features: int, out_features: int, rank: int, num_projections: int) -> int:
@@ -317,3 +374,55 @@ def merge_into_backbone(params: Any, peft_tree: Any, lora: LoRA) -> Any:
     b = flat_peft[f"{prefix}/{lora.name}/b"]
     merged[kernel_path] = merged[kernel_path] + lora.scale * jnp.dot(a, b)
   return flax.traverse_util.unflatten_dict(merged, sep="/")
+
+
+def _leaf_shapes(delta: LoRA, config: Any) -> dict[str, tuple]:
+  from prompt_mix.t5 import model as model_lib  # pylint: disable=g-import-not-at-top
+  batch = {k: jnp.ones((1, 4), jnp.int32) for k in ("encoder_input_tokens", "decoder_input_tokens",
+                                                     "decoder_target_tokens")}
+  model = model_lib.EncoderDecoderModel(config, (delta,))
+  return {k: tuple(v.shape) for k, v in model_lib.flatten(nn.unbox(model.abstract_init(batch)["peft"])).items()}
+
+
+def _selections(flat: Mapping[str, np.ndarray], adapter: Mapping[str, Any], config: Any,
+                name: str) -> list[LoRA]:
+  """LoRA(targets, stacks, attentions, layers) candidates covering the adapter's projections.
+
+  The layers of each stack are written with positive indices, or with negative ones for the second half
+  of each stack (so 'first and last layer' of unequal stacks is `(0, -1)`); the caller keeps the one whose
+  leaves are the adapter's.
+  """
+  pattern = re.compile(r"^(encoder|decoder)/(?:layers_(\d+)/)?(attention|self_attention|"
+                       r"encoder_decoder_attention|mlp|logits_dense)/?([a-z_0-9]*)/")
+  targets, attentions = set(), set()
+  layers: dict[str, set[int]] = {}
+  for path in flat:
+    match = pattern.match(path)
+    if match is None:
+      raise ValueError(f"not a LoRA leaf path: {path}")
+    stack, layer, module, projection = match.groups()
+    layers.setdefault(stack, set())
+    if module == "logits_dense":
+      targets.add("logits_dense")
+      continue
+    targets.add(projection)
+    layers[stack].add(int(layer))
+    if module in ("attention", "self_attention"):
+      attentions.add("self_attention")
+    elif module == "encoder_decoder_attention":
+      attentions.add("cross_attention")
+  selections = [selection.ALL]
+  if config is not None:
+    depth = {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
+    if any(used and used != set(range(depth[s])) for s, used in layers.items()):
+      positive = {i for used in layers.values() for i in used}
+      mixed = {i if i < depth[s] / 2 else i - depth[s] for s, used in layers.items() for i in used}
+      selections = [tuple(sorted(positive)), tuple(sorted(mixed))]
+  rank = int(adapter["r"])
+  alpha = float(adapter["lora_alpha"])
+  if adapter.get("use_rslora"):
+    alpha = alpha * float(np.sqrt(rank))  # PEFT's rsLoRA scale lora_alpha / sqrt(r) as our alpha / r.
+  return [LoRA(rank=rank, alpha=alpha, targets=tuple(sorted(targets)), stacks=tuple(sorted(layers)),
+               attentions=("attention",) if len(attentions) != 1 else tuple(attentions), layers=layers_,
+               dropout_rate=float(adapter.get("lora_dropout") or 0.0), name=name)
+          for layers_ in selections]

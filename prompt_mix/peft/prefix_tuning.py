@@ -34,19 +34,23 @@ l*d' + d'*H + H + H*2*h*d_kv + 2*h*d_kv parameters per site. After training, `ba
 once and returns the flat prefixes with the equivalent `PTuningV2` delta (same logits, no MLP).
 
 With `num_tasks=N` every leaf gains a leading `tasks` axis (a bank of N independently trained prefixes,
-gathered per example by `task_ids`). Prefix leaves are replicated (decision 5), hence the `None` axes.
+gathered per example by `task_ids`). Prefix leaves are replicated (docs/design.md, Partitioning), hence the `None` axes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
+from absl import logging
 import flax
 import flax.linen as nn
 import gin
 import jax.numpy as jnp
+import numpy as np
 
+from prompt_mix import export_formats
 from prompt_mix.peft import selection
 from prompt_mix.peft import tasks as tasks_lib
 from prompt_mix.t5 import plugins
@@ -165,6 +169,54 @@ class PrefixTuning(plugins.Delta):
     """The number of attention sites with a prefix."""
     return sum(self.acts_at(s) for s in plugins.sublayer_sites(config))
 
+  # ------------------------------------------------------------------------------------------ HF PEFT
+  peft_types = ("PREFIX_TUNING",)
+
+  def to_peft(self, leaves, config):
+    """Refused, with the reason per kind of attention site (see `peft_refusal`)."""
+    del config
+    sites = prefix_sites(leaves, self.name)
+    if not sites:
+      raise plugins.ExportError(f"no prefix leaves '<site>/{self.name}/...' in the peft tree for {self!r}")
+    raise peft_refusal(sites, self)
+
+  @classmethod
+  def from_peft(cls, adapter, tensors, config, name=None, approximate=False):
+    """PEFT's T5 prefix as decoder self-attention P-tuning v2 prefixes: `approximate=True` only.
+
+    Each decoder layer's self-attention gets the prefix it gets in PEFT (`peft_prefix_tuning_table`'s
+    layout). Our prefix keys carry no relative position bias and PEFT's do: an initialization, not the
+    same model.
+    """
+    del config
+    if not approximate:
+      raise ValueError(
+          "a PEFT PREFIX_TUNING adapter of T5 acts on decoder self-attention with relative position bias "
+          "on its prefix keys, which our prefixes do not have; pass approximate_prefix=True to read it as "
+          "decoder self-attention P-tuning v2 prefixes (an initialization, not the same model)")
+    submodules = adapter.get("num_transformer_submodules") or export_formats.PEFT_SEQ2SEQ_SUBMODULES
+    if submodules != export_formats.PEFT_SEQ2SEQ_SUBMODULES:
+      raise ValueError(f"num_transformer_submodules {submodules}: PEFT's T5 prefix works with "
+                       f"{export_formats.PEFT_SEQ2SEQ_SUBMODULES} (an encoder-decoder cache)")
+    l, depth = int(adapter["num_virtual_tokens"]), int(adapter["num_layers"])
+    h, width = int(adapter["num_attention_heads"]), int(adapter["token_dim"])
+    table = np.asarray(tensors[export_formats.PEFT_PROMPT_KEY])
+    if table.shape != (l, 2 * depth * width) or width % h:
+      raise ValueError(f"{export_formats.PEFT_PROMPT_KEY} has shape {list(table.shape)}, expected "
+                       f"[{l}, {2 * depth * width}] (num_virtual_tokens, 2 num_layers token_dim) with "
+                       f"token_dim {width} divisible by num_attention_heads {h}")
+    entries = np.asarray(table, np.float32).reshape(l, 2 * depth, h, width // h)
+    logging.warning("Reading PEFT prefixes as decoder self-attention prefixes without relative position "
+                    "bias: an initialization, not the same model")
+    delta = PTuningV2(length=l, stacks=("decoder",), attentions=("self_attention",),
+                      name=name or "p_tuning_v2")
+    tree: dict = {"decoder": {}}
+    for i in range(depth):
+      slot = (4 * i) % (2 * depth)
+      tree["decoder"][f"layers_{i}"] = {"self_attention": {delta.name: {
+          "key": np.array(entries[:, slot]), "value": np.array(entries[:, slot + 1])}}}
+    return delta, tree
+
   def param_count(self, config: T5Config) -> int:
     """Trainable parameters (module docstring formulas), times N for a bank."""
     l, hkv = self.length, config.num_heads * config.head_dim
@@ -235,3 +287,100 @@ def bake(variables: Mapping[str, Any], method: plugins.Deltas) -> tuple[dict, tu
   new_variables = dict(variables)
   new_variables["peft"] = flax.traverse_util.unflatten_dict(flat)
   return new_variables, tuple(baked)
+
+
+# ------------------------------------------------------------------------------------------ HF PEFT
+_SITE_KIND = re.compile(r"^(encoder|decoder)/layers_(\d+)/(attention|self_attention|encoder_decoder_attention)$")
+_WHY = {
+    "attention": "PEFT gives T5's encoder no prefix (its past_key_values reach the decoder only)",
+    "encoder_decoder_attention": ("PEFT replaces the cross-attention cache by an empty DynamicCache, so HF "
+                                  "T5 recomputes cross keys/values from the encoder output without them"),
+    "self_attention": ("HF T5 adds its relative position bias to the prefix keys (cached past positions), "
+                       "ours carry none"),
+}
+_KIND_NAME = {"attention": "encoder self-attention", "encoder_decoder_attention": "cross-attention",
+              "self_attention": "decoder self-attention"}
+
+
+def prefix_sites(leaves: Mapping[str, Any], name: str) -> list[str]:
+  """The attention sites (`encoder/layers_0/attention`, ...) holding prefix leaves of the delta `name`."""
+  pattern = re.compile(f"^(.*)/{re.escape(name)}/(key|value|{'|'.join(REPARAM_LEAVES)})$")
+  return sorted({m.group(1) for m in map(pattern.match, leaves) if m})
+
+
+def peft_refusal(sites: Sequence[str], delta: plugins.Delta) -> plugins.ExportError:
+  """The error explaining, per kind of attention site, why PEFT's PREFIX_TUNING cannot represent it.
+
+  PEFT's seq2seq PREFIX_TUNING hands its table to the decoder as `past_key_values`: T5's encoder never
+  receives it; the cross-attention entries are replaced by an empty cache; and decoder self-attention sees
+  the prefix as cached past positions, to which HF T5 adds its relative position bias (ours carry none).
+  """
+  by_kind: dict[str, list[str]] = {}
+  for site in sites:
+    match = _SITE_KIND.match(site)
+    kind = match.group(3) if match else "self_attention"
+    by_kind.setdefault(kind, []).append(site)
+  summary = "; ".join(f"{len(v)} {_KIND_NAME[k]} sites: {_WHY[k]}" for k, v in by_kind.items())
+  details = "\n".join(f"  {site}" for site in sites)
+  return plugins.ExportError(
+      f"HF PEFT's PREFIX_TUNING cannot represent {type(delta).__name__} '{delta.name}' exactly, so no "
+      f"adapter was written: {summary} (see docs/export.md; export 'npy' or 'safetensors' instead)\n"
+      f"sites:\n{details}")
+
+
+def peft_prefix_tuning_table(variables: Mapping[str, Any], model: Any,
+                             task_index: Optional[int] = None) -> tuple[dict, np.ndarray]:
+  """PEFT's PREFIX_TUNING config and `prompt_embeddings` table for decoder self-attention prefixes.
+
+  NOT the same model (see `peft_refusal`): PEFT's T5 gives these prefix keys a relative position bias that
+  ours lack, which is why the export refuses prefixes. This is the table for a user who accepts that
+  difference, and what the tests use to measure it (it is exact for a decoder whose relative position
+  bias is zero).
+
+  Layout (PEFT's `get_prompt` with `num_transformer_submodules=2`): the table `[l, 2 L h d_kv]` viewed as
+  `[l, 2L, h, d_kv]` is concatenated with itself and cut into L groups of 4 (self key, self value, cross
+  key, cross value), so decoder layer i's self-attention key and value are entries `4i mod 2L` and
+  `4i+1 mod 2L`. For even L, layers i and i + L/2 therefore share their prefix.
+
+  Args:
+    variables: model variables with `peft` (reparameterized prefixes are baked first).
+    model: an `EncoderDecoderModel` whose one delta is a `PrefixTuning` at decoder self-attention only,
+      on every decoder layer.
+  Returns:
+    (adapter_config dict, prompt_embeddings [l, 2 L h d_kv] float32).
+  """
+  deltas = tuple(model.deltas)
+  if len(deltas) != 1 or not isinstance(deltas[0], PrefixTuning):
+    raise ValueError(f"peft_prefix_tuning_table needs one PrefixTuning delta, got {plugins.describe(deltas)}")
+  delta = deltas[0]
+  config = model.config
+  peft = variables["peft"] if "peft" in variables else variables
+  variables = {"peft": peft}
+  if delta.reparameterize:
+    variables, (delta,) = bake(variables, (delta,))
+  flat = export_formats.one_task(export_formats.flatten_leaves(variables["peft"]), delta.num_tasks,
+                                 task_index)
+  sites = prefix_sites(flat, delta.name)
+  depth = config.num_decoder_layers
+  wanted = [f"decoder/layers_{i}/self_attention" for i in range(depth)]
+  if sites != wanted:
+    raise ValueError(f"PEFT's T5 prefix reaches the self-attention of every decoder layer and nothing else: "
+                     f"the sites must be {wanted}, got {sites}")
+  h, dk, l = config.num_heads, config.head_dim, delta.length
+  entries = np.zeros((l, 2 * depth, h, dk), np.float32)
+  owner: dict[int, int] = {}
+  for i, site in enumerate(wanted):
+    k, v = flat[f"{site}/{delta.name}/key"], flat[f"{site}/{delta.name}/value"]
+    slot = (4 * i) % (2 * depth)
+    if slot in owner:
+      j = owner[slot]
+      if not (np.array_equal(entries[:, slot], k) and np.array_equal(entries[:, slot + 1], v)):
+        raise ValueError(f"PEFT's layout gives decoder layers {j} and {i} the same prefix (even depth "
+                         f"{depth}), but ours differ")
+    owner[slot] = i
+    entries[:, slot], entries[:, slot + 1] = k, v
+  adapter = export_formats.adapter_config(
+      "PREFIX_TUNING", num_virtual_tokens=l, token_dim=h * dk, num_attention_heads=h, num_layers=depth,
+      num_transformer_submodules=export_formats.PEFT_SEQ2SEQ_SUBMODULES, prefix_projection=False,
+      encoder_hidden_size=h * dk, init_weights=None, modules_to_save=None)
+  return adapter, entries.reshape(l, 2 * depth * h * dk)

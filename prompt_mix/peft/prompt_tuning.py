@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prompt_mix import export_formats
 from prompt_mix.peft import tasks as tasks_lib
 from prompt_mix.t5 import plugins
 
@@ -246,3 +247,45 @@ class PromptTuning(plugins.Delta):
   def param_count(self, d_model: int) -> int:
     """Trainable parameters: m * d per task (times N for a bank)."""
     return self.length * d_model * (self.num_tasks or 1)
+
+  # ------------------------------------------------------------------------------------------ HF PEFT
+  # PEFT's seq2seq PROMPT_TUNING prepends `num_virtual_tokens` rows to the encoder input embeddings and m
+  # ones to the encoder mask; P_TUNING saves its encoder's output table, read the same way.
+  peft_types = ("PROMPT_TUNING", "P_TUNING")
+
+  def to_peft(self, leaves, config):
+    """PROMPT_TUNING with `num_transformer_submodules=1`: the table is exactly our `[m, d]` prompt."""
+    if self.stack != "encoder":
+      raise plugins.ExportError(
+          f"{self!r} prepends rows to the decoder input: HF PEFT's seq2seq PROMPT_TUNING prepends virtual "
+          "tokens to the encoder input only (PeftModelForSeq2SeqLM.forward uses the first "
+          "num_virtual_tokens rows of its table; the decoder half of a num_transformer_submodules=2 table "
+          "is never used), so no PEFT adapter represents it; no adapter written")
+    key = f"encoder/{self.name}/prompt"
+    export_formats.expect_leaves(leaves, [key], self)
+    prompt = np.asarray(leaves[key])
+    if prompt.shape != (self.length, config.emb_dim):
+      raise ValueError(f"{key}: shape {list(prompt.shape)}, expected [{self.length}, {config.emb_dim}] "
+                       "(length, d_model)")
+    adapter = export_formats.adapter_config(
+        "PROMPT_TUNING", num_virtual_tokens=self.length, token_dim=config.emb_dim,
+        # One submodule: the table is exactly our [m, d] prompt, prepended to the encoder input. (PEFT's
+        # seq2seq default, 2, adds m rows that its seq2seq forward never reads.)
+        num_transformer_submodules=1, num_attention_heads=config.num_heads,
+        num_layers=config.num_encoder_layers, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
+        tokenizer_name_or_path=None, tokenizer_kwargs=None, modules_to_save=None)
+    return adapter, {export_formats.PEFT_PROMPT_KEY: prompt}
+
+  @classmethod
+  def from_peft(cls, adapter, tensors, config, name=None, approximate=False):
+    """The first `num_virtual_tokens` rows of `prompt_embeddings` -> `encoder/<name>/prompt [m, d]`."""
+    del config, approximate
+    m = int(adapter["num_virtual_tokens"])
+    submodules = adapter.get("num_transformer_submodules") or export_formats.PEFT_SEQ2SEQ_SUBMODULES
+    table = np.asarray(tensors[export_formats.PEFT_PROMPT_KEY])
+    if table.ndim != 2 or table.shape[0] != m * submodules:
+      raise ValueError(f"{export_formats.PEFT_PROMPT_KEY} has shape {list(table.shape)}, expected "
+                       f"[{m * submodules}, d] (num_virtual_tokens {m} x num_transformer_submodules "
+                       f"{submodules})")
+    delta = cls(length=m, stack="encoder", init="uniform", name=name or "prompt_tuning")
+    return delta, {"encoder": {delta.name: {"prompt": np.array(table[:m], np.float32)}}}

@@ -1,4 +1,4 @@
-"""Multi-task PEFT leaves (design decision 4): a leading `tasks` axis gathered per example by `task_ids`.
+"""Multi-task PEFT leaves (docs/design.md, Multi-task by construction): a leading `tasks` axis gathered per example by `task_ids`.
 
 A method declares its trainable leaves with `peft_param`. With `num_tasks=None` the leaf has its natural
 shape and is shared by every example; with `num_tasks=N` it gains a leading `tasks` axis of size N and each

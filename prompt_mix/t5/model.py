@@ -3,7 +3,7 @@
 Batch keys (T5X's): `encoder_input_tokens [B, n]`, `decoder_input_tokens [B, t]`,
 `decoder_target_tokens [B, t]`, `decoder_loss_weights [B, t]`, and optionally `task_ids [B]`.
 
-Variables are three kinds of collections (design decision 2): `params` (the frozen backbone, the T5X
+Variables are three kinds of collections (docs/design.md, Variables): `params` (the frozen backbone, the T5X
 `target` tree), `peft` (everything trainable) and any other non-`cache` collection (frozen values of a
 method, e.g. ATTEMPT's source prompt library).
 """
@@ -18,6 +18,7 @@ import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from prompt_mix import decoding
 from prompt_mix.t5 import losses
@@ -209,6 +210,21 @@ class EncoderDecoderModel:
   def num_tasks(self) -> Optional[int]:
     """N when the method has a bank of N per-task leaves selected by the batch's `task_ids`, else None."""
     return plugins.num_tasks(self.deltas)
+
+  def check_task_ids(self, batch: Mapping[str, Any]) -> None:
+    """Raises naming the offending ids when a batch's `task_ids` do not index the method's task bank.
+
+    Run it on host batches before a jitted call: inside jit an out-of-range row would be gathered as NaN
+    (ids >= N) or silently wrap to the last rows (negative ids).
+    """
+    n = self.num_tasks
+    if n is None or batch.get("task_ids") is None:
+      return
+    ids = np.asarray(batch["task_ids"])
+    bad = sorted({int(i) for i in ids.reshape(-1) if not 0 <= int(i) < n})
+    if bad:
+      raise ValueError(f"task_ids {bad} are out of range for the method's bank of {n} tasks (ids 0..{n - 1}; "
+                       f"{plugins.describe(self.deltas)}): check TASK_NAMES / NUM_TASKS and the mixture")
 
 
 def _without_cache(variables: Variables) -> dict:

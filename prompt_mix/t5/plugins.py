@@ -250,17 +250,17 @@ class Delta:
     """HF PEFT's `(adapter_config fields, {state-dict key: array})` of this delta's leaves (one task).
 
     `leaves` are this delta's `peft` leaves by '/'-joined path (a bank's leaves already sliced to one
-    task). The default refuses: raise `PeftExportError` with the method's own reason.
+    task). The default refuses: raise `ExportError` with the method's own reason.
     """
     del leaves, config
-    raise PeftExportError(f"{type(self).__name__} has no HF PEFT counterpart; export 'npy' or "
+    raise ExportError(f"{type(self).__name__} has no HF PEFT counterpart; export 'npy' or "
                           "'safetensors' instead")
 
   @classmethod
   def from_peft(cls, adapter_config: Mapping[str, Any], tensors: Mapping[str, Any], config: Any,
                 name: Optional[str] = None, approximate: bool = False) -> tuple["Delta", dict]:
     """(the delta, its nested `peft` tree) of an HF PEFT adapter whose `peft_type` is in `peft_types`."""
-    raise PeftExportError(f"{cls.__name__} reads no HF PEFT adapter")
+    raise ExportError(f"{cls.__name__} reads no HF PEFT adapter")
 
   def write_evaluation(self, means: Mapping[str, Mapping[str, Any]], directory: Optional[str],
                        step: int) -> dict[str, float]:
@@ -278,7 +278,7 @@ class Delta:
     return {}
 
 
-class PeftExportError(ValueError):
+class ExportError(ValueError):
   """The trained leaves have no exact HF PEFT representation (nothing was written)."""
 
 

@@ -1,6 +1,6 @@
 """Training-state checkpoints with Orbax: atomic, resumable, keep-N plus the best.
 
-A training checkpoint holds only what training changes (design decision 2): the `peft` tree, the optax
+A training checkpoint holds only what training changes (docs/design.md, Variables): the `peft` tree, the optax
 state of `peft`, the step, and a small JSON `data_state` (e.g. how many batches the input pipeline has
 consumed). The frozen backbone is never written; it comes back from `INITIAL_CHECKPOINT_PATH`.
 

@@ -4,8 +4,9 @@
 
 SeqIO asks for `predict_fn` (tasks with `metric_fns` on decoded text) and `score_fn` (tasks with
 `score_metric_fns`, e.g. the rank-classification variants); both run jitted model calls over the
-evaluator's enumerated, cached datasets. Methods that sow `attention_weights` (ATTEMPT) get them averaged
-per task and written next to the metrics, for the heatmap tool.
+evaluator's enumerated, cached datasets. Every value a method sows per example into `intermediates`
+(`[B, ...]`, e.g. ATTEMPT's attention weights) is averaged per task and handed to each delta's
+`write_evaluation` hook, which writes the method's own artefacts and returns scalars to log.
 """
 
 from __future__ import annotations
@@ -22,13 +23,11 @@ import numpy as np
 import seqio
 
 from prompt_mix import partitioning
-from prompt_mix.attempt import interpret
 from prompt_mix.data import feature_converter as feature_converter_lib
 from prompt_mix.data import task_ids as task_ids_lib
 from prompt_mix.t5 import model as model_lib
 from prompt_mix.training import setup
 
-ATTENTION_KEY = "attention_weights"
 
 
 def pad_batch(features: Mapping[str, np.ndarray], batch_size: int) -> dict:
@@ -45,20 +44,44 @@ def batches(ds, batch_size: int):
     yield indices, pad_batch(features, batch_size), len(indices)
 
 
-def find_sown(intermediates: Any, name: str) -> list:
-  """Every value sown under `name` in an `intermediates` tree (Flax stores sown values as tuples)."""
-  found = []
+def per_example_intermediates(intermediates: Any, batch_size: int) -> dict[str, np.ndarray]:
+  """{path: [B, ...] array} of every value sown per example into an `intermediates` tree.
 
-  def visit(tree):
+  Flax keeps sown values as tuples; a path sown several times gets the mean of its values. Values whose
+  leading axis is not the batch are not per-example and are left out.
+  """
+  found: dict[str, list] = {}
+
+  def visit(tree, path):
     if isinstance(tree, Mapping):
       for key, value in tree.items():
-        if key == name:
-          found.extend(value if isinstance(value, (tuple, list)) else [value])
-        else:
-          visit(value)
+        visit(value, path + (str(key),))
+    elif isinstance(tree, (tuple, list)):
+      for value in tree:
+        visit(value, path)
+    elif hasattr(tree, "shape") and np.ndim(tree) >= 1 and np.shape(tree)[0] == batch_size:
+      found.setdefault("/".join(path), []).append(np.asarray(tree, np.float64))
 
-  visit(intermediates)
-  return found
+  visit(intermediates, ())
+  return {path: np.mean(values, axis=0) for path, values in found.items()}
+
+
+class TaskMeans:
+  """Running per-task means of per-example arrays: `add(path, task_ids [n], values [n, ...])`."""
+
+  def __init__(self):
+    self._sums: dict[str, dict[int, list]] = {}
+
+  def add(self, path: str, task_ids: np.ndarray, values: np.ndarray) -> None:
+    for task, value in zip(np.asarray(task_ids).reshape(-1), values):
+      entry = self._sums.setdefault(path, {}).setdefault(int(task), [0.0, 0])
+      entry[0] = entry[0] + value
+      entry[1] += 1
+
+  def means(self, task_name) -> dict[str, dict[str, np.ndarray]]:
+    """{path: {task_name(id): mean}}, tasks in id order."""
+    return {path: {task_name(t): total / n for t, (total, n) in sorted(by_task.items())}
+            for path, by_task in self._sums.items()}
 
 
 class Evaluator:
@@ -96,32 +119,32 @@ class Evaluator:
     self._predict = jax.jit(lambda v, b: model.predict_batch(
         v, b, decoder=decoder, num_decodes=num_decodes, alpha=alpha))
     self._score = jax.jit(model.score_batch)
-    self.last_attention: dict[int, np.ndarray] = {}  # task id -> mean attention weights
+    # The last evaluation's per-task means of what the method sowed per example: {path: {task: mean}}.
+    self.last_means: dict[str, dict[str, np.ndarray]] = {}
 
   def evaluate(self, variables: Mapping[str, Any], step: int) -> dict[str, float]:
-    """Runs the evaluation; returns {'<task>/<metric>': value}."""
-    attention_sums: dict[int, list] = {}  # task id -> [sum of weights, count]
+    """Runs the evaluation; returns {'<task>/<metric>': value} and the method's evaluation scalars."""
+    sown = TaskMeans()
 
     def predict_fn(ds, model_feature_shapes=None):
       del model_feature_shapes
       out = []
       for indices, features, n in batches(ds, self.batch_size):
+        self.model.check_task_ids(features)
         tokens, aux = self._predict(variables, {k: jnp.asarray(v) for k, v in features.items()})
         tokens = np.asarray(tokens)[:n]
         for i, row in zip(indices, tokens):
           out.append((int(i), row.tolist()))  # Full rows (SeqIO stacks them; its decode stops at EOS).
-        for weights in find_sown(aux["intermediates"], ATTENTION_KEY):
-          task_ids = features.get("task_ids", np.zeros(len(tokens), np.int32))
-          for t, w in zip(task_ids[:n], np.asarray(weights, np.float64)[:n]):
-            entry = attention_sums.setdefault(int(t), [0.0, 0])
-            entry[0] = entry[0] + w
-            entry[1] += 1
+        task_ids = features.get("task_ids", np.zeros(len(tokens), np.int32))[:n]
+        for path, values in per_example_intermediates(aux["intermediates"], self.batch_size).items():
+          sown.add(path, task_ids, values[:n])
       return out
 
     def score_fn(ds, model_feature_shapes=None):
       del model_feature_shapes
       out = []
       for indices, features, n in batches(ds, self.batch_size):
+        self.model.check_task_ids(features)
         scores = np.asarray(self._score(variables, {k: jnp.asarray(v) for k, v in features.items()}))
         out.extend((int(i), float(s)) for i, s in zip(indices, scores[:n]))
       return out
@@ -135,30 +158,19 @@ class Evaluator:
         value = getattr(value, "value", value)  # clu metric values
         if isinstance(value, (int, float, np.floating, np.integer)):
           flat[f"{task}/{name}"] = float(value)
-    self.last_attention = {t: total / n for t, (total, n) in sorted(attention_sums.items())}
+    self.last_means = sown.means(self._task_name)
+    if self.last_means:
+      for delta in self.model.deltas:
+        flat.update(delta.write_evaluation(self.last_means, self.log_dir, step))
     logging.info("Evaluation at step %d: %s", step, flat)
     if self.log_dir:
       with open(os.path.join(self.log_dir, f"eval_metrics_{step}.json"), "w") as f:
         json.dump(flat, f, indent=2)
-      if self.last_attention:
-        self._save_attention(step)
     return flat
 
-
-  def _save_attention(self, step: int) -> None:
-    """Writes `attention_<step>.json`: mean attention per task over the candidates, named for the heatmap."""
-    candidates = next((d.candidate_names for d in self.model.deltas if hasattr(d, "candidate_names")),
-                      None)
-    if candidates is None:
-      return
-    ids = sorted(self.last_attention)
+  def _task_name(self, task_id: int) -> str:
     local = getattr(self._converter, "task_names", None)
-    names = [local[i] if local else task_ids_lib.task_name(i) for i in ids]
-    table = np.stack([np.asarray(self.last_attention[i]).reshape(-1, len(candidates)).mean(0)
-                      for i in ids])
-    sources = [c for c in candidates if c != interpret.TARGET_COLUMN]
-    interpret.save_attention_table(os.path.join(self.log_dir, f"attention_{step}.json"), table, names,
-                                   sources)
+    return local[task_id] if local else task_ids_lib.task_name(task_id)
 
 
 @gin.configurable

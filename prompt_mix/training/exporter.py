@@ -68,8 +68,7 @@ def export(model_dir: str = gin.REQUIRED,
     model: the run's model (backbone config and method), as training built it.
     step: None (latest), a step number, or 'best' (by `best_metric` / `best_mode`, or the one metric the
       run saved with its checkpoints).
-    task_feature_lengths: the run's lengths; shapes of some methods depend on them (APrompt's
-      query-key prompts span the maximum length).
+    task_feature_lengths: the run's lengths (the trainable shapes are built from a batch of them).
     task_index: for leaves with a leading tasks axis, the task written as the PEFT adapter ('npy' and
       'safetensors' always hold every task).
     base_model_name_or_path: recorded in the PEFT adapter's config (the HF backbone's name or path).

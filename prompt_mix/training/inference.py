@@ -1,8 +1,9 @@
 """Predictions of a trained method on a task or mixture (what `python -m prompt_mix.infer` runs).
 
 Writes JSONL, one line per example: `task`, `inputs`, `targets`, `prediction`, `score` (log-probability of
-the prediction) and, for ATTEMPT, `attention` (the weights over the candidates). The tasks of a mixture
-are interleaved, so each batch mixes tasks and one loaded backbone serves them all (design decision 4).
+the prediction) and every value the method sows per example, under its name (ATTEMPT:
+`attention_weights`, the weights over its candidates). The tasks of a mixture are interleaved, so each
+batch mixes tasks and one loaded backbone serves them all (mixed-task serving, docs/design.md).
 """
 
 from __future__ import annotations
@@ -92,17 +93,18 @@ def infer(model_dir: str = gin.REQUIRED,
     for batch, text in zip(feature_batches, texts.batch(batch_size).as_numpy_iterator()):
       n = len(text["task_id"])
       padded = evaluation.pad_batch(batch, batch_size)
+      model.check_task_ids(padded)
       tokens, aux = predict(variables, {k: jnp.asarray(v) for k, v in padded.items()})
       tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
-      attention = evaluation.find_sown(aux["intermediates"], evaluation.ATTENTION_KEY)
+      sown = evaluation.per_example_intermediates(aux["intermediates"], batch_size)
       for b in range(n):
         task_id = int(text["task_id"][b])
         row = {"task": task_ids_lib.task_name(task_id),
                "inputs": text["inputs"][b].decode(), "targets": text["targets"][b].decode(),
                "prediction": vocabulary.decode(tokens[b].tolist()),
                "score": float(scores[b])}
-        if attention:
-          row["attention"] = np.asarray(attention[0][b]).tolist()
+        for path, values in sown.items():  # What the method sowed per example, by its name.
+          row[path.rsplit("/", 1)[-1]] = values[b].tolist()
         f.write(json.dumps(row) + "\n")
         count += 1
   logging.info("Wrote %d predictions of step %d to %s", count, step, output_file)

@@ -1,4 +1,4 @@
-"""One optimization step on the trainable collection only (design decision 2).
+"""One optimization step on the trainable collection only (docs/design.md, Variables).
 
 Gradients are taken with respect to `peft` (or, for full fine-tuning, `params`) and nothing else, so XLA
 never computes weight gradients of the frozen backbone: a prompt-tuning step costs about two forwards.

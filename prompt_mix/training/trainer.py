@@ -1,6 +1,6 @@
 """The training loop of `prompt_mix.train`: T5X's `train` for a frozen backbone and a trainable method.
 
-One jitted step updates the trainable collection (design decision 2) on a `('data','model')` mesh; the
+One jitted step updates the trainable collection (docs/design.md, Variables) on a `('data','model')` mesh; the
 data come from SeqIO; every `checkpoint_period` steps the trainable state, the optimizer state, the step
 and the data position are saved atomically with Orbax, and a restarted run resumes from the latest save
 with the same data order. Evaluation runs every `eval_period` steps through SeqIO's evaluator.
@@ -155,6 +155,7 @@ def train(model_dir: str = gin.REQUIRED,
   step = start_step
   for step in range(start_step + 1, end_step + 1):
     batch = next(data)
+    model.check_task_ids(batch)
     if jitted is None:
       batch_sharding = _batch_shardings(mesh, batch)
       jitted = jax.jit(step_fn, in_shardings=(run.trainable_shardings, opt_shardings,
