@@ -43,7 +43,7 @@ def test_mam_is_prefix_plus_scaled_parallel_adapter():
   assert isinstance(adapter, adapters.ScaledParallelAdapter)
   assert (adapter.bottleneck, adapter.scale, adapter.sublayers) == (512, 4.0, ("mlp",))
   paths = set(model_lib.flatten(checks.make_model(_mam()).abstract_init(checks.make_batch())["peft"]))
-  assert "decoder/layers_1/encoder_decoder_attention/prefix_tuning/embedding" in paths
+  assert "decoder/prefix_tuning/cross_attention/embedding" in paths  # One shared MLP per attention kind.
   assert "encoder/layers_0/mlp_adapter/up/kernel" in paths
   assert not any("attention_adapter" in p for p in paths)
 

@@ -1,6 +1,8 @@
 """Prefix tuning and P-tuning v2: the method checks, sites, baking, parameter counts and gin."""
 
 
+import dataclasses
+
 import flax.linen as nn
 import gin
 import jax
@@ -26,14 +28,17 @@ def p_tuning_v2(**kw):
 
 
 # ------------------------------------------------------------------------------------ method checks
-@pytest.mark.parametrize("make", [prefix, p_tuning_v2], ids=["reparameterized", "flat"])
-def test_step_trains_only_the_prefixes(make):
-  variables, _ = method_checks.check_step_trains_only_method((make(),))
+@pytest.mark.parametrize("delta, count, leaf", [
+    # 3 attention kinds x 5 MLP leaves; 6 sites (2 + 2 + 2 on the tiny T5) x 5; 6 sites x key, value.
+    (prefix(), 3 * 5, "decoder/prefix_tuning/cross_attention/mlp_wo"),
+    (prefix(reparameterization="per_site"), 6 * 5,
+     "decoder/layers_1/encoder_decoder_attention/prefix_tuning/mlp_wo"),
+    (p_tuning_v2(), 6 * 2, "decoder/layers_1/encoder_decoder_attention/p_tuning_v2/key"),
+], ids=["shared", "per_site", "flat"])
+def test_step_trains_only_the_prefixes(delta, count, leaf):
+  variables, _ = method_checks.check_step_trains_only_method((delta,))
   leaves = model_lib.flatten(variables["peft"])
-  name = make().name
-  assert len(leaves) == 6 * (5 if make is prefix else 2)  # 2 + 2 + 2 sites on the tiny T5.
-  assert f"decoder/layers_1/encoder_decoder_attention/{name}/" + (
-      "mlp_wo" if make is prefix else "key") in leaves
+  assert len(leaves) == count and leaf in leaves
 
 
 @pytest.mark.parametrize("make", [prefix, p_tuning_v2], ids=["reparameterized", "flat"])
@@ -103,8 +108,9 @@ def test_configuration_errors_name_the_value():
 
 # ------------------------------------------------------------------------------------ baking
 @pytest.mark.parametrize("num_tasks", [None, 2])
-def test_baking_keeps_the_logits(num_tasks):
-  delta = prefix(length=3, num_tasks=num_tasks, layers=[0])
+@pytest.mark.parametrize("form", ["shared", "per_site"])
+def test_baking_keeps_the_logits(num_tasks, form):
+  delta = prefix(length=3, num_tasks=num_tasks, layers=[0], reparameterization=form)
   model = method_checks.make_model((delta,))
   batch = method_checks.make_batch(task_ids=None if num_tasks is None else [0, 1, 1, 0])
   boxed = model.init(jax.random.PRNGKey(0), batch)
@@ -112,7 +118,7 @@ def test_baking_keeps_the_logits(num_tasks):
 
   flat_boxed, method = px.bake(boxed, model.deltas)
   assert method == (px.PTuningV2(length=3, layers=(0,), mlp_hidden=16, num_tasks=num_tasks,
-                                 name="prefix_tuning"),)
+                                 reparameterization=form, name="prefix_tuning"),)
   leaves = model_lib.flatten(flat_boxed["peft"])
   lead = () if num_tasks is None else (2,)
   assert sorted(leaves) == sorted(f"{site}/prefix_tuning/{kv}" for kv in ("key", "value") for site in (
@@ -136,12 +142,19 @@ def test_baking_leaves_other_deltas_and_reports_missing_leaves():
   flat_delta = p_tuning_v2()
   variables = {"params": {}, "peft": {}}
   assert px.bake(variables, (flat_delta,))[1] == (flat_delta,)
+  per_site = prefix(reparameterization="per_site")
   with pytest.raises(ValueError, match="no reparameterized prefix leaves '<site>/prefix_tuning/embedding'"):
-    px.bake(variables, (prefix(),))
+    px.bake(variables, (per_site,))
   broken = {"params": {}, "peft": {"encoder": {"layers_0": {"attention": {"prefix_tuning": {
       "embedding": np.zeros((2, 8))}}}}}}
   with pytest.raises(ValueError, match=r"peft/encoder/layers_0/attention/prefix_tuning lacks \['mlp_wi'"):
-    px.bake(broken, (prefix(),))
+    px.bake(broken, (per_site,))
+  # The shared form needs the depths to know which layers its MLP's rows belong to.
+  with pytest.raises(ValueError, match="pass the backbone's config"):
+    px.bake({"peft": {}}, (prefix(),))
+  broken = {"peft": {"encoder": {"prefix_tuning": {"attention": {"embedding": np.zeros((2, 8))}}}}}
+  with pytest.raises(ValueError, match=r"peft/encoder/prefix_tuning/attention lacks \['mlp_wi'"):
+    px.bake(broken, (prefix(),), method_checks.tiny_config())
 
 
 # ------------------------------------------------------------------------------------ counts
@@ -163,13 +176,21 @@ def test_t5_base_parameter_counts():
   assert t5_base_count(flat) == sites * 2 * l * h * d_kv == 5_529_600 == flat.param_count(cfg)
   hid = 512
   per_site = l * d + d * hid + hid + hid * 2 * h * d_kv + 2 * h * d_kv
-  reparam = px.PrefixTuning(length=l, mlp_hidden=hid)
+  reparam = px.PrefixTuning(length=l, mlp_hidden=hid, reparameterization="per_site")
   assert t5_base_count(reparam) == sites * per_site == 45_305_856 == reparam.param_count(cfg)
+  # Shared (the default, as Li & Liang, He et al. and HF PEFT): one P' and MLP per attention kind emitting
+  # its 12 layers' keys and values: l d + d H + H + 12 (H + 1) 2 h d_kv, for 3 kinds.
+  shared = px.PrefixTuning(length=l, mlp_hidden=hid)
+  per_kind = l * d + d * hid + hid + 12 * (hid + 1) * 2 * h * d_kv
+  assert t5_base_count(shared) == 3 * per_kind == 29_778_432 == shared.param_count(cfg)
   # A subset: l = 30 at the encoder's first and last layers only, with a smaller P'.
   subset = px.PrefixTuning(length=30, stacks=["encoder"], layers=[0, -1], prefix_embed_dim=64,
-                           mlp_hidden=128)
+                           mlp_hidden=128, reparameterization="per_site")
   expected = 2 * (30 * 64 + 64 * 128 + 128 + 128 * 2 * 768 + 2 * 768)
   assert t5_base_count(subset) == expected == subset.param_count(cfg)
+  shared_subset = dataclasses.replace(subset, reparameterization="shared")
+  expected = 30 * 64 + 64 * 128 + 128 + 2 * (128 + 1) * 2 * 768
+  assert t5_base_count(shared_subset) == expected == shared_subset.param_count(cfg)
 
 
 # ------------------------------------------------------------------------------------ gin

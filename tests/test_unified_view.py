@@ -1,6 +1,8 @@
 """Parameter counts of the unified-view methods on T5 v1.0 base (eval_shape, no allocation), and gin."""
 
 
+import dataclasses
+
 import flax.linen as nn
 import gin
 import numpy as np
@@ -38,7 +40,9 @@ def base_counts():
             adapters.ScaledParallelAdapter(name="spa_default"),
             lora.LoRA(rank=8, targets=("query", "value")),
             lora.LoRA(rank=102, targets=("wi", "wo"), name="lora_ffn"),
-            bitfit.BitFit(), prefix, spa, prefix_tuning.PrefixTuning(length=30, name="prefix_reparam"),
+            bitfit.BitFit(), prefix, spa,
+            prefix_tuning.PrefixTuning(length=30, reparameterization="per_site", name="prefix_reparam"),
+            dataclasses.replace(mam.mam_adapter()[0], name="mam_prefix"),
             full_finetune.FullFineTune())
   model = model_lib.EncoderDecoderModel(BASE, deltas)
   abstract = model.abstract_init(network.dummy_batch(1, 4, 4))
@@ -47,7 +51,7 @@ def base_counts():
   for path, leaf in flat.items():
     parts = path.split("/")
     method = next(m for m in ("houlsby", "pa", "spa_default", "lora", "lora_ffn", "bitfit", "prefix_tuning",
-                              "prefix_reparam", "adapter")
+                              "prefix_reparam", "mam_prefix", "adapter")
                   if m in parts or any(p.endswith("_" + m) for p in parts))
     counts[method] = counts.get(method, 0) + int(np.prod(leaf.shape))
   assert sum(counts.values()) == model_lib.count_params(abstract["peft"])
@@ -84,12 +88,17 @@ def test_mam_counts_follow_the_survey(base_counts):
   flat_prefix = 2 * l * hkv * ATTENTIONS
   assert base_counts["prefix_tuning"] == flat_prefix == 2 * l * d * 3 * 12 == 1_658_880
   assert base_counts["adapter"] == 2 * r * d * 2 * 12 == 18_874_368
-  # Reparameterized prefixes (training): P' [l, d] and a per-site MLP d -> 512 -> 2 h d_kv.
-  assert base_counts["prefix_reparam"] == prefix_tuning.PrefixTuning(length=30).param_count(BASE)
-  # The defaults of mam.gin / mam_adapter(): reparameterized prefixes, adapters with biases.
+  # Reparameterized prefixes (training), per site: P' [l, d] and an MLP d -> 512 -> 2 h d_kv at each site.
+  per_site = prefix_tuning.PrefixTuning(length=30, reparameterization="per_site")
+  assert base_counts["prefix_reparam"] == per_site.param_count(BASE)
   spa = (2 * r * d + r + d) * FFNS
   assert base_counts["spa_default"] == spa == 18_905_088
-  assert base_counts["prefix_reparam"] + spa == 62_275_584  # Training.
+  assert base_counts["prefix_reparam"] + spa == 62_275_584  # Training, per-site MLPs of H = 512.
+  # The defaults of mam.gin / mam_adapter(): He et al.'s shared MLP per attention kind with mid_dim
+  # H = 800 emitting all 12 layers (l d + d H + H + 12 (H + 1) 2 h d_kv per kind), adapters with biases.
+  shared = 3 * (l * d + d * 800 + 800 + 12 * 801 * 2 * hkv)
+  assert base_counts["mam_prefix"] == shared == 46_206_816
+  assert base_counts["mam_prefix"] + spa == 65_111_904  # Training.
   assert flat_prefix + spa == 20_563_968  # Inference, after prefix_tuning.bake.
 
 

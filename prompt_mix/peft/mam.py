@@ -27,7 +27,8 @@ from prompt_mix.peft import prefix_tuning
 
 @gin.configurable
 def mam_adapter(prefix_length: int = 30, bottleneck: int = 512, scale: float = 4.0,
-                reparameterize: bool = True, prefix_mlp_hidden: int = 512, use_bias: bool = True,
+                reparameterize: bool = True, prefix_mlp_hidden: int = 800,
+                prefix_reparameterization: str = "shared", use_bias: bool = True,
                 num_tasks: Optional[int] = None
                 ) -> tuple[prefix_tuning.PrefixTuning, adapters.ScaledParallelAdapter]:
   """The MAM adapter's deltas: `(PrefixTuning, ScaledParallelAdapter)`.
@@ -37,7 +38,8 @@ def mam_adapter(prefix_length: int = 30, bottleneck: int = 512, scale: float = 4
     bottleneck: r of the FFN adapters.
     scale: s of the FFN adapters.
     reparameterize: train the prefixes through an MLP (`PrefixTuning.reparameterize`).
-    prefix_mlp_hidden: that MLP's hidden size.
+    prefix_mlp_hidden: that MLP's hidden size (He et al.'s `mid_dim` 800).
+    prefix_reparameterization: 'shared' (one MLP per attention kind, as He et al.) or 'per_site'.
     use_bias: biases in the adapters' down/up projections.
     num_tasks: None, or N for a bank of N MAM adapters selected per example by `task_ids`.
   Returns:
@@ -45,6 +47,7 @@ def mam_adapter(prefix_length: int = 30, bottleneck: int = 512, scale: float = 4
   """
   prefix = prefix_tuning.PrefixTuning(length=prefix_length, attentions=("attention",),
                                       reparameterize=reparameterize, mlp_hidden=prefix_mlp_hidden,
+                                      reparameterization=prefix_reparameterization,
                                       num_tasks=num_tasks)
   adapter = adapters.ScaledParallelAdapter(bottleneck=bottleneck, scale=scale, sublayers=("mlp",),
                                            use_bias=use_bias, num_tasks=num_tasks)

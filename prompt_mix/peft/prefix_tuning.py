@@ -18,20 +18,34 @@ peft/decoder/layers_i/{self_attention,encoder_decoder_attention}/p_tuning_v2/{ke
 
 **Prefix tuning** (`reparameterize=True`) computes them during training as an MLP of a smaller
 embedding, `[P_k; P_v] = tanh(P' W_i + b_i) W_o + b_o`, with P' [l, d'] (d' = `prefix_embed_dim`,
-default d_model) and hidden size H = `mlp_hidden` (512). Li & Liang share one MLP across the layers of an
-attention kind (its output holds every layer's keys and values); the backbone creates a plug-in module
-per attention site and has no stack-level hook, so here **each site has its own P' and MLP**:
+default d_model) and hidden size H = `mlp_hidden`. Where the MLP lives (`reparameterization`):
 
-```
-peft/<site>/prefix_tuning/embedding   [l, d']             ('prompt', 'prompt_embed')
-peft/<site>/prefix_tuning/mlp_wi      [d', H]             ('prompt_embed', None)
-peft/<site>/prefix_tuning/mlp_bi      [H]
-peft/<site>/prefix_tuning/mlp_wo      [H, 2, h, d_kv]     (the 2 is key, value)
-peft/<site>/prefix_tuning/mlp_bo      [2, h, d_kv]
-```
+* `'shared'` (the default, as Li & Liang's and He et al.'s code and HF PEFT's `PrefixEncoder`): one P'
+  and one MLP per attention kind (encoder self, decoder self, cross-attention), whose output holds the
+  keys and values of every chosen layer of that kind. It runs once per stack (the `stack_state` hook);
+  its kernels and biases start as PyTorch's `nn.Linear` (kaiming-uniform a=sqrt(5), bias
+  U(+-1/sqrt(fan_in))), P' as `nn.Embedding` (N(0, 1)):
 
-l*d' + d'*H + H + H*2*h*d_kv + 2*h*d_kv parameters per site. After training, `bake` evaluates the MLPs
-once and returns the flat prefixes with the equivalent `PTuningV2` delta (same logits, no MLP).
+  ```
+  peft/<stack>/prefix_tuning/<kind>/embedding   [l, d']                 ('prompt', 'prompt_embed')
+  peft/<stack>/prefix_tuning/<kind>/mlp_wi      [d', H]    mlp_bi [H]
+  peft/<stack>/prefix_tuning/<kind>/mlp_wo      [H, L, 2, h, d_kv]      (L chosen layers; 2 = key, value)
+  peft/<stack>/prefix_tuning/<kind>/mlp_bo      [L, 2, h, d_kv]
+  ```
+  (<kind> is `attention` in the encoder, `self_attention` or `cross_attention` in the decoder.)
+  Per attention kind: l*d' + d'*H + H + L*(H+1)*2*h*d_kv.
+
+* `'per_site'`: each attention site has its own P' and MLP (LeCun-normal kernels, zero biases):
+
+  ```
+  peft/<site>/prefix_tuning/{embedding [l, d'], mlp_wi [d', H], mlp_bi [H], mlp_wo [H, 2, h, d_kv],
+                            mlp_bo [2, h, d_kv]}
+  ```
+  l*d' + d'*H + H + H*2*h*d_kv + 2*h*d_kv per site: more parameters during training (the H*d' and H
+  columns repeat per layer), the same prefixes at inference.
+
+After training, `bake` evaluates the MLPs once and returns the flat prefixes with the equivalent
+`PTuningV2` delta (same logits, no MLP), for either form.
 
 With `num_tasks=N` every leaf gains a leading `tasks` axis (a bank of N independently trained prefixes,
 gathered per example by `task_ids`). Prefix leaves are replicated (docs/design.md, Partitioning), hence the `None` axes.
@@ -47,6 +61,7 @@ from absl import logging
 import flax
 import flax.linen as nn
 import gin
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -61,8 +76,16 @@ Array = Any
 FLAT_AXES = ("prompt", None, None)  # [l, h, d_kv], replicated.
 REPARAM_LEAVES = ("embedding", "mlp_wi", "mlp_bi", "mlp_wo", "mlp_bo")
 
+REPARAMETERIZATIONS = ("shared", "per_site")
+
 _normal = nn.initializers.normal(stddev=1.0)  # torch.nn.Embedding's init, as HF PEFT's PrefixEncoder.
 _zeros = nn.initializers.zeros
+
+
+def _torch_linear(fan_in: int):
+  """PyTorch `nn.Linear`'s init of a kernel or bias with this fan-in: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / float(fan_in) ** 0.5
+  return lambda rng, shape: jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
 
 
 def reparameterized_kv(embedding: Array, wi: Array, bi: Array, wo: Array, bo: Array
@@ -71,23 +94,81 @@ def reparameterized_kv(embedding: Array, wi: Array, bi: Array, wo: Array, bo: Ar
 
   Args:
     embedding: [..., l, d'] (a leading `tasks` axis, if any, is shared by every argument).
-    wi: [..., d', H]; bi: [..., H]; wo: [..., H, 2, h, d_kv]; bo: [..., 2, h, d_kv].
+    wi: [..., d', H]; bi: [..., H]; wo: [..., H, 2, h, d_kv]; bo: [..., 2, h, d_kv]. The shared form's
+      `wo [..., H, L, 2, h, d_kv]` / `bo [..., L, 2, h, d_kv]` give every layer's at once.
   Returns:
-    (keys, values), each [..., l, h, d_kv] float32.
+    (keys, values), each [..., l, h, d_kv] (or [..., L, l, h, d_kv]) float32.
   """
   hidden = jnp.tanh(jnp.einsum("...ld,...dh->...lh", embedding, wi) + bi[..., None, :])
-  out = jnp.einsum("...lh,...hcjd->...lcjd", hidden, wo) + bo[..., None, :, :, :]
+  if wo.ndim - embedding.ndim == 3:  # Shared: [..., H, L, 2, h, d_kv].
+    out = jnp.einsum("...lh,...hncjd->...nlcjd", hidden, wo) + bo[..., :, None, :, :, :]
+  else:
+    out = jnp.einsum("...lh,...hcjd->...lcjd", hidden, wo) + bo[..., None, :, :, :]
   return out[..., 0, :, :], out[..., 1, :, :]
 
 
-class PrefixKV(nn.Module):
-  """The prefix of one attention site.
+class SharedPrefixMLP(nn.Module):
+  """The shared form's P' and MLP of one attention kind: every chosen layer's prefix, once per stack.
 
   Attributes:
     delta: the `PrefixTuning` configuration.
+    num_layers: L, the chosen layers of this kind.
   """
 
   delta: "PrefixTuning"
+  num_layers: int
+  num_heads: int
+  head_dim: int
+
+  @nn.compact
+  def __call__(self, ctx: plugins.Context) -> tuple[Array, Array]:
+    """-> (keys, values), each [(N,) L, l, h, d_kv] (N with a task bank)."""
+    delta = self.delta
+    h, dk, big_l = self.num_heads, self.head_dim, self.num_layers
+    l, n, hid = delta.length, delta.num_tasks, delta.mlp_hidden
+    d_emb = delta.prefix_embed_dim or ctx.embedding.shape[-1]
+    param = lambda name, init, shape, axes: tasks_lib.peft_param(self, name, init, shape, axes, n)
+    embedding = param("embedding", _normal, (l, d_emb), ("prompt", "prompt_embed"))
+    wi = param("mlp_wi", _torch_linear(d_emb), (d_emb, hid), ("prompt_embed", None))
+    bi = param("mlp_bi", _torch_linear(d_emb), (hid,), (None,))
+    wo = param("mlp_wo", _torch_linear(hid), (hid, big_l, 2, h, dk), (None,) * 5)
+    bo = param("mlp_bo", _torch_linear(hid), (big_l, 2, h, dk), (None,) * 4)
+    keys, values = reparameterized_kv(embedding, wi, bi, wo, bo)
+    if delta.dropout_rate:  # He et al.'s prefix dropout, on the MLP's output.
+      dropout = nn.Dropout(delta.dropout_rate)
+      keys = dropout(keys, deterministic=ctx.deterministic)
+      values = dropout(values, deterministic=ctx.deterministic)
+    return keys, values
+
+
+class PrefixState(nn.Module):
+  """The stack-level state of a shared prefix: {site kind: (keys, values) of its chosen layers}."""
+
+  delta: "PrefixTuning"
+  layers: tuple  # ((kind, (chosen layer, ...)), ...)
+  num_heads: int
+  head_dim: int
+
+  def setup(self):
+    self.mlps = {kind: SharedPrefixMLP(self.delta, len(chosen), self.num_heads, self.head_dim, name=kind)
+                 for kind, chosen in self.layers}
+
+  def __call__(self, ctx: plugins.Context) -> dict:
+    return {kind: self.mlps[kind](ctx) for kind, _ in self.layers}
+
+
+class PrefixKV(nn.Module):
+  """The prefix of one attention site: its own leaves, or its slice of the stack's shared MLP output.
+
+  Attributes:
+    delta: the `PrefixTuning` configuration.
+    slot: with the shared MLP, this layer's index among the chosen layers of its kind; None otherwise.
+    kind: with the shared MLP, the site's kind (the key of the stack state).
+  """
+
+  delta: "PrefixTuning"
+  slot: Optional[int] = None
+  kind: Optional[str] = None
 
   @nn.compact
   def __call__(self, q: Array, ctx: plugins.Context) -> tuple[Array, Array]:
@@ -96,7 +177,10 @@ class PrefixKV(nn.Module):
     h, dk = q.shape[2], q.shape[3]
     l, n = delta.length, delta.num_tasks
     param = lambda name, init, shape, axes: tasks_lib.peft_param(self, name, init, shape, axes, n)
-    if delta.reparameterize:
+    if self.slot is not None:
+      keys, values = ctx.state[self.kind]  # [(N,) L, l, h, d_kv]
+      keys, values = keys[..., self.slot, :, :, :], values[..., self.slot, :, :, :]
+    elif delta.reparameterize:
       d_emb = delta.prefix_embed_dim or ctx.embedding.shape[-1]
       hid = delta.mlp_hidden
       embedding = param("embedding", _normal, (l, d_emb), ("prompt", "prompt_embed"))
@@ -123,10 +207,12 @@ class PrefixTuning(plugins.Delta):
     attentions: 'attention' (every attention), 'self_attention', 'cross_attention' (`selection`): the
       default, every attention of both stacks, is encoder self, decoder self and cross-attention.
     layers: 'all', ('first', k), ('last', k) or a list of layer indices (`selection`).
-    reparameterize: True trains P' and a per-site MLP (Li & Liang); False trains flat prefixes
-      (P-tuning v2).
+    reparameterize: True trains P' and an MLP (Li & Liang); False trains flat prefixes (P-tuning v2).
+    reparameterization: with `reparameterize`, 'shared' (one P' and MLP per attention kind emitting every
+      chosen layer's prefixes, as Li & Liang, He et al. and HF PEFT) or 'per_site' (one per site).
     prefix_embed_dim: d' of P' (default d_model); only with `reparameterize`.
     mlp_hidden: H, the MLP's hidden size; only with `reparameterize`.
+    dropout_rate: dropout on the shared MLP's output (He et al.'s prefix dropout; 0 by default).
     num_tasks: None for one prefix, N for a bank gathered per example by `task_ids`.
     name: the scope name at each site (`peft/<site>/<name>/...`).
   """
@@ -136,8 +222,10 @@ class PrefixTuning(plugins.Delta):
   attentions: Sequence[str] = ("attention",)
   layers: selection.LayerSpec = selection.ALL
   reparameterize: bool = True
+  reparameterization: str = "shared"
   prefix_embed_dim: Optional[int] = None
   mlp_hidden: int = 512
+  dropout_rate: float = 0.0
   num_tasks: Optional[int] = None
   name: str = "prefix_tuning"
 
@@ -152,6 +240,12 @@ class PrefixTuning(plugins.Delta):
       raise ValueError(f"{kind}.length must be a positive int, got {self.length!r}")
     if self.num_tasks is not None and self.num_tasks < 1:
       raise ValueError(f"{kind}.num_tasks must be None or >= 1, got {self.num_tasks}")
+    if self.reparameterization not in REPARAMETERIZATIONS:
+      raise ValueError(f"{kind}.reparameterization: unknown {self.reparameterization!r}; choose from "
+                       f"{REPARAMETERIZATIONS}")
+    if self.dropout_rate and not (self.reparameterize and self.shared):
+      raise ValueError(f"{kind}.dropout_rate={self.dropout_rate} acts on the shared MLP's output: it needs "
+                       "reparameterize=True and reparameterization='shared'")
     if self.mlp_hidden < 1 or (self.prefix_embed_dim is not None and self.prefix_embed_dim < 1):
       raise ValueError(f"{kind}: mlp_hidden ({self.mlp_hidden}) and prefix_embed_dim "
                        f"({self.prefix_embed_dim}) must be positive")
@@ -160,9 +254,33 @@ class PrefixTuning(plugins.Delta):
     """True when this delta gives a prefix at attention `site`."""
     return selection.selects(site, self.stacks, self.layers, self._kinds, f"{type(self).__name__}.layers")
 
+  @property
+  def shared(self) -> bool:
+    """True when the prefixes come from one MLP per attention kind (the `stack_state` hook)."""
+    return self.reparameterize and self.reparameterization == "shared"
+
+  def _chosen(self, site: plugins.Site) -> tuple:
+    """((kind, (chosen layers of that kind, ascending)), ...) of `site`'s stack."""
+    out = []
+    for kind in plugins.STACK_ATTENTIONS[site.stack]:
+      chosen = tuple(i for i in range(site.num_layers)
+                     if self.acts_at(dataclasses.replace(site, layer=i, kind=kind)))
+      if chosen:
+        out.append((kind, chosen))
+    return tuple(out)
+
+  def stack_state(self, site: plugins.Site) -> Optional[nn.Module]:
+    if not self.shared or site.stack not in self.stacks:
+      return None
+    layers = self._chosen(site)
+    return PrefixState(self, layers, site.num_heads, site.head_dim, name=self.name) if layers else None
+
   def attention_kv(self, site: plugins.Site) -> Optional[nn.Module]:
     if not self.acts_at(site):
       return None
+    if self.shared:
+      chosen = dict(self._chosen(site))[site.kind]
+      return PrefixKV(self, chosen.index(site.layer), site.kind, name=self.name)
     return PrefixKV(self, name=self.name)
 
   def num_sites(self, config: T5Config) -> int:
@@ -174,11 +292,8 @@ class PrefixTuning(plugins.Delta):
 
   def to_peft(self, leaves, config):
     """Refused, with the reason per kind of attention site (see `peft_refusal`)."""
-    del config
-    sites = prefix_sites(leaves, self.name)
-    if not sites:
-      raise plugins.ExportError(f"no prefix leaves '<site>/{self.name}/...' in the peft tree for {self!r}")
-    raise peft_refusal(sites, self)
+    del leaves
+    raise peft_refusal([s.where for s in plugins.sublayer_sites(config) if self.acts_at(s)], self)
 
   @classmethod
   def from_peft(cls, adapter, tensors, config, name=None, approximate=False):
@@ -220,12 +335,18 @@ class PrefixTuning(plugins.Delta):
   def param_count(self, config: T5Config) -> int:
     """Trainable parameters (module docstring formulas), times N for a bank."""
     l, hkv = self.length, config.num_heads * config.head_dim
-    if self.reparameterize:
-      d_emb, hid = self.prefix_embed_dim or config.emb_dim, self.mlp_hidden
-      per_site = l * d_emb + d_emb * hid + hid + hid * 2 * hkv + 2 * hkv
+    d_emb, hid = self.prefix_embed_dim or config.emb_dim, self.mlp_hidden
+    if self.shared:
+      kinds = {}
+      for site in plugins.sublayer_sites(config):
+        if self.acts_at(site):
+          kinds[(site.stack, site.kind)] = kinds.get((site.stack, site.kind), 0) + 1
+      total = sum(l * d_emb + d_emb * hid + hid + layers * (hid + 1) * 2 * hkv for layers in kinds.values())
+    elif self.reparameterize:
+      total = (l * d_emb + d_emb * hid + hid + hid * 2 * hkv + 2 * hkv) * self.num_sites(config)
     else:
-      per_site = 2 * l * hkv
-    return per_site * self.num_sites(config) * (self.num_tasks or 1)
+      total = 2 * l * hkv * self.num_sites(config)
+    return total * (self.num_tasks or 1)
 
 
 @gin.configurable
@@ -241,12 +362,15 @@ def _is_box(x) -> bool:
   return isinstance(x, nn.LogicallyPartitioned)
 
 
-def bake(variables: Mapping[str, Any], method: plugins.Deltas) -> tuple[dict, tuple]:
+def bake(variables: Mapping[str, Any], method: plugins.Deltas,
+         config: Optional[T5Config] = None) -> tuple[dict, tuple]:
   """Evaluates every reparameterized prefix's MLPs once: flat prefixes and the equivalent P-tuning v2.
 
   Args:
     variables: the model's variables (boxed with logical axes or not) with the `peft` collection.
     method: the deltas; each `PrefixTuning` with `reparameterize=True` is baked.
+    config: the backbone's config; needed for the shared form (which layers the MLP's rows belong to)
+      unless `variables` hold the backbone's `params`.
   Returns:
     (variables whose `peft` holds `<site>/<name>/{key,value}` [(N,) l, h, d_kv] in place of the MLP
      leaves, the deltas with each baked one replaced by a `PTuningV2` of the same name and sites).
@@ -261,32 +385,70 @@ def bake(variables: Mapping[str, Any], method: plugins.Deltas) -> tuple[dict, tu
     if not (isinstance(delta, PrefixTuning) and delta.reparameterize):
       baked.append(delta)
       continue
-    sites = sorted({k[:-2] for k in flat if len(k) >= 2 and k[-2:] == (delta.name, "embedding")})
-    if not sites:
-      raise ValueError(f"bake: no reparameterized prefix leaves '<site>/{delta.name}/embedding' in peft "
-                       f"for {delta!r}")
-    for site in sites:
-      scope = site + (delta.name,)
-      path = "/".join(scope)
-      missing = [n for n in REPARAM_LEAVES if scope + (n,) not in flat]
-      if missing:
-        raise ValueError(f"bake: peft/{path} lacks {missing} (has the MLP leaves {REPARAM_LEAVES})")
-      leaves = {n: flat.pop(scope + (n,)) for n in REPARAM_LEAVES}
-      boxed = _is_box(leaves["embedding"])
-      values = {n: jnp.asarray(x.unbox() if _is_box(x) else x) for n, x in leaves.items()}
-      keys, vals = reparameterized_kv(*(values[n] for n in REPARAM_LEAVES))
-      if boxed:
-        box = leaves["embedding"]
+    if delta.shared:
+      outputs = _bake_shared(flat, delta, _depths(variables, config))
+    else:
+      sites = sorted({k[:-2] for k in flat if len(k) >= 2 and k[-2:] == (delta.name, "embedding")})
+      if not sites:
+        raise ValueError(f"bake: no reparameterized prefix leaves '<site>/{delta.name}/embedding' in peft "
+                         f"for {delta!r}")
+      outputs = []
+      for site in sites:
+        keys, values, box = _evaluate_mlp(flat, site + (delta.name,))
+        outputs.append((site, keys, values, box))
+    for site, keys, values, box in outputs:
+      if box is not None:
         axes = ("tasks",) * (keys.ndim - 3) + FLAT_AXES
         wrap = lambda x: nn.LogicallyPartitioned(x, axes, mesh=box.mesh, rules=box.rules)
-        keys, vals = wrap(keys), wrap(vals)
-      flat[scope + ("key",)] = keys
-      flat[scope + ("value",)] = vals
+        keys, values = wrap(keys), wrap(values)
+      flat[site + (delta.name, "key")] = keys
+      flat[site + (delta.name, "value")] = values
     fields = {f.name: getattr(delta, f.name) for f in dataclasses.fields(PrefixTuning)}
-    baked.append(PTuningV2(**dict(fields, reparameterize=False)))
+    baked.append(PTuningV2(**dict(fields, reparameterize=False, dropout_rate=0.0)))
   new_variables = dict(variables)
   new_variables["peft"] = flax.traverse_util.unflatten_dict(flat)
   return new_variables, tuple(baked)
+
+
+def _evaluate_mlp(flat: dict, scope: tuple) -> tuple[Array, Array, Any]:
+  """Pops the MLP leaves under `scope` and returns (keys, values, the embedding's box or None)."""
+  path = "/".join(scope)
+  missing = [n for n in REPARAM_LEAVES if scope + (n,) not in flat]
+  if missing:
+    raise ValueError(f"bake: peft/{path} lacks {missing} (has the MLP leaves {REPARAM_LEAVES})")
+  leaves = {n: flat.pop(scope + (n,)) for n in REPARAM_LEAVES}
+  values = {n: jnp.asarray(x.unbox() if _is_box(x) else x) for n, x in leaves.items()}
+  keys, vals = reparameterized_kv(*(values[n] for n in REPARAM_LEAVES))
+  box = leaves["embedding"] if _is_box(leaves["embedding"]) else None
+  return keys, vals, box
+
+
+def _depths(variables: Mapping[str, Any], config: Optional[T5Config]) -> dict[str, int]:
+  if config is not None:
+    return {"encoder": config.num_encoder_layers, "decoder": config.num_decoder_layers}
+  params = variables.get("params")
+  if params is None:
+    raise ValueError("bake: a shared prefix MLP emits the rows of several layers; pass the backbone's "
+                     "config (or variables with its params) to know which")
+  return {stack: sum(1 for k in params[stack] if str(k).startswith("layers_")) for stack in plugins.STACKS}
+
+
+def _bake_shared(flat: dict, delta: "PrefixTuning", depths: Mapping[str, int]) -> list:
+  """[(site path, keys [(N,) l, h, d_kv], values, box)] of a shared prefix's chosen layers."""
+  outputs = []
+  for stack, depth in depths.items():
+    if stack not in delta.stacks:
+      continue
+    site = plugins.Site(stack, -1, "stack", depth, 0, 0, 0)
+    for kind, chosen in delta._chosen(site):  # pylint: disable=protected-access
+      keys, values, box = _evaluate_mlp(flat, (stack, delta.name, kind))  # [(N,) L, l, h, d_kv]
+      for slot, layer in enumerate(chosen):
+        outputs.append(((stack, f"layers_{layer}", plugins.ATTENTION_MODULES[kind]),
+                        keys[..., slot, :, :, :], values[..., slot, :, :, :], box))
+  if not outputs:
+    raise ValueError(f"bake: no shared prefix leaves '<stack>/{delta.name}/<kind>/embedding' in peft for "
+                     f"{delta!r}")
+  return outputs
 
 
 # ------------------------------------------------------------------------------------------ HF PEFT
@@ -357,7 +519,7 @@ def peft_prefix_tuning_table(variables: Mapping[str, Any], model: Any,
   peft = variables["peft"] if "peft" in variables else variables
   variables = {"peft": peft}
   if delta.reparameterize:
-    variables, (delta,) = bake(variables, (delta,))
+    variables, (delta,) = bake(variables, (delta,), config)
   flat = export_formats.one_task(export_formats.flatten_leaves(variables["peft"]), delta.num_tasks,
                                  task_index)
   sites = prefix_sites(flat, delta.name)
