@@ -316,7 +316,12 @@ def _define_flags() -> None:
   flags.DEFINE_bool("overwrite", False, "Replace an existing prompt of the same name.")
 
 
-if __name__ == "__main__":
+def main() -> None:
+  """The `prompt-mix-library` console script; the same as `python -m prompt_mix.attempt.library`."""
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(_main)
+
+
+if __name__ == "__main__":
+  main()
