@@ -28,6 +28,10 @@ them without a traceback and exits with status 1.
 
 from __future__ import annotations
 
+# gin-config 0.5.0 calls `importlib.util.find_spec` after only `import importlib`; Python 3.12 no longer
+# imports `importlib.util` at start-up, so a gin file looked up on the Python path failed with
+# "module 'importlib' has no attribute 'util'" unless something else had imported it.
+import importlib.util  # pylint: disable=unused-import
 import logging as logging_std
 import os
 import pathlib
