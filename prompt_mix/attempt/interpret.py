@@ -247,7 +247,8 @@ def heatmap_figure(table: AttentionTable, include_target: bool = True, title: Op
       v = values[i, j]
       ax.text(j, i, "-" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center",
               fontsize=_VALUE_SIZE, color="white" if np.isfinite(v) and v > 0.6 * vmax else "black")
-  colorbar = fig.colorbar(image, ax=ax)
+  # At most ~0.25 inch wide, however tall the grid (matplotlib's default aspect of 20 widens it with height).
+  colorbar = fig.colorbar(image, ax=ax, aspect=max(20.0, grid_height / 0.25))
   colorbar.set_label("mean attention")
   if title:
     ax.set_title(title, fontsize=_TITLE_SIZE)
