@@ -1,7 +1,8 @@
 """The ATTEMPT workflow end to end on a fresh machine, on synthetic data: `python -m prompt_mix.demo`.
 
 Every step runs the binaries and gin files a user runs (`python -m prompt_mix.train|eval|export`,
-`prompt_mix/configs/demo/*.gin`), on CPU, with no download:
+`prompt_mix/configs/demo/*.gin`, found in the installed package), on CPU, with no download, from any
+directory:
 
   1. pre-train a toy T5 (full fine-tuning from random weights) on synthetic tasks that name their function
      (`"max: cabd"` -> `d`), then export it as a T5X checkpoint: the frozen backbone of every later step;
@@ -61,6 +62,7 @@ def _gin(*pairs: str) -> list[str]:
 def run_demo(workdir: str, steps: dict) -> dict:
   """Runs the pipeline under `workdir`; returns the summary (also written to `summary.json`)."""
   from prompt_mix import export_formats  # pylint: disable=g-import-not-at-top
+  from prompt_mix.attempt import interpret  # pylint: disable=g-import-not-at-top
   from prompt_mix.attempt import library as library_lib  # pylint: disable=g-import-not-at-top
   work = pathlib.Path(workdir)
   work.mkdir(parents=True, exist_ok=True)
@@ -135,8 +137,8 @@ def run_demo(workdir: str, steps: dict) -> dict:
 
   attention = runs["attempt"] / "eval" / f"attention_{steps['target']}.json"
   heatmap = work / "attention_heatmap.png"
-  _run_tool(["tools/attention_heatmap.py", f"--table={attention}", f"--output={heatmap}",
-             "--title=ATTEMPT attention (demo)"], logs / "heatmap.log")
+  interpret.render_heatmap(interpret.load_attention_table(str(attention)), str(heatmap),
+                           title="ATTEMPT attention (demo)")
   rows.append(("draw the attention heatmap", str(heatmap), 0.0))
   step("export ATTEMPT's trained prompt and gate",
        ["prompt_mix.export", "--gin_file=demo/attempt.gin", "--gin_file=runs/export.gin", LENGTHS,
@@ -154,14 +156,6 @@ def run_demo(workdir: str, steps: dict) -> dict:
   summary["spot"] = json.loads(spot_file.read_text())
   (work / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
-
-
-def _run_tool(args: list[str], log: pathlib.Path) -> None:
-  root = pathlib.Path(__file__).resolve().parent.parent
-  with open(log, "w") as f:
-    proc = subprocess.run([sys.executable, *args], cwd=root, stdout=f, stderr=subprocess.STDOUT)
-  if proc.returncode != 0:
-    raise RuntimeError(f"{args[0]} failed (log: {log}):\n{open(log).read()[-2000:]}")
 
 
 def format_summary(summary: dict) -> str:
@@ -214,5 +208,10 @@ def main(argv):
         "(summary.json, attention_heatmap.png, logs/).")
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+  """The `prompt-mix-demo` console script; the same as `python -m prompt_mix.demo`."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  console_main()

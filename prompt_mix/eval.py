@@ -3,11 +3,17 @@
 Restores the backbone (INITIAL_CHECKPOINT_PATH) and the training run's `peft` (latest, a step, or the best),
 evaluates through SeqIO on EVAL_MIXTURE_OR_TASK_NAME / EVAL_SPLIT (generation and, for `_rank` tasks,
 rank classification), and writes `eval/eval_metrics_<step>.json` (plus, for ATTEMPT, the mean attention
-per task in `eval/attention_<step>.json`, which `tools/attention_heatmap.py` draws).
+per task in `eval/attention_<step>.json`, which `prompt-mix-heatmap` draws).
 """
 
 from prompt_mix import launch
 from prompt_mix.training import evaluation
 
-if __name__ == "__main__":
+
+def main() -> None:
+  """The `prompt-mix-eval` console script; the same as `python -m prompt_mix.eval`."""
   launch.run(evaluation.evaluate)
+
+
+if __name__ == "__main__":
+  main()

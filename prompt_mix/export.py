@@ -23,6 +23,11 @@ def _with_export_gin(argv: list[str]) -> list[str]:
   return argv[:1] + [f"--gin_file={EXPORT_GIN}"] + argv[1:]
 
 
-if __name__ == "__main__":
+def main() -> None:
+  """The `prompt-mix-export` console script; the same as `python -m prompt_mix.export`."""
   sys.argv = _with_export_gin(sys.argv)
   launch.run(exporter.export)
+
+
+if __name__ == "__main__":
+  main()

@@ -28,6 +28,11 @@ them without a traceback and exits with status 1.
 
 from __future__ import annotations
 
+# gin-config 0.5.0 calls `importlib.util.find_spec` after only `import importlib`; Python 3.12 no longer
+# imports `importlib.util` at start-up, so a gin file looked up on the Python path failed with
+# "module 'importlib' has no attribute 'util'" unless something else had imported it.
+import importlib.util  # pylint: disable=unused-import
+import logging as logging_std
 import os
 import pathlib
 import re
@@ -62,6 +67,21 @@ GIN_BINDINGS = flags.DEFINE_multi_string(
 GIN_SEARCH_PATHS = flags.DEFINE_list(
     "gin_search_paths", default=default_gin_search_paths(),
     help="Comma-separated directories searched for --gin_file and gin `include` paths.")
+
+
+class _NoSearchPathMisses(logging_std.Filter):
+  """Drops gin's `ERROR Path not found: <search path>/<file>` records.
+
+  gin tries every search path in turn and logs an error for each one that lacks the file, so a file found
+  in the package's configs after a miss in '.' printed a spurious ERROR line. A file found in no search
+  path still fails, with a `GinConfigError` that names it.
+  """
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return not (record.msg == "Path not found: %s" and record.pathname.endswith("resource_reader.py"))
+
+
+logging_std.getLogger().addFilter(_NoSearchPathMisses())  # gin logs through the root logger.
 
 
 class GinConfigError(ValueError):

@@ -8,5 +8,11 @@ are interleaved, so each batch mixes tasks and one loaded backbone serves them a
 from prompt_mix import launch
 from prompt_mix.training import inference
 
-if __name__ == "__main__":
+
+def main() -> None:
+  """The `prompt-mix-infer` console script; the same as `python -m prompt_mix.infer`."""
   launch.run(inference.infer)
+
+
+if __name__ == "__main__":
+  main()

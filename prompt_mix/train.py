@@ -7,5 +7,11 @@ TRAIN_STEPS, BATCH_SIZE, INITIAL_CHECKPOINT_PATH, EVAL_PERIOD, ...).
 from prompt_mix import launch
 from prompt_mix.training import trainer
 
-if __name__ == "__main__":
+
+def main() -> None:
+  """The `prompt-mix-train` console script; the same as `python -m prompt_mix.train`."""
   launch.run(trainer.train)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,9 +1,10 @@
-"""Interpreting ATTEMPT: per-task mean attention over the candidates, and soft prompts' nearest tokens.
+"""Interpreting ATTEMPT: per-task mean attention over the candidates, its heatmap, and soft prompts'
+nearest tokens.
 
-NumPy only (no JAX), so the tools that use it start fast.
+NumPy only (no JAX; matplotlib only when a heatmap is drawn), so the tools that use it start fast.
 
-The attention table file (what eval writes and `tools/attention_heatmap.py` renders) is JSON or NPZ,
-chosen by the extension:
+The attention table file (what eval writes and `prompt-mix-heatmap` / `tools/attention_heatmap.py`
+render with `render_heatmap`) is JSON or NPZ, chosen by the extension:
 
 ```json
 {"format": "prompt_mix.attempt_attention", "version": 1,
@@ -22,6 +23,8 @@ import dataclasses
 import json
 import math
 import os
+import sys
+import textwrap
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -183,6 +186,115 @@ def load_attention_table(path: str) -> AttentionTable:
   if counts is not None and counts.shape != (len(tasks),):
     raise ValueError(f"{path}: num_examples has shape {counts.shape}, expected ({len(tasks)},)")
   return AttentionTable(table, tasks, columns, counts)
+
+
+# ------------------------------------------------------------------------------------------ heatmap
+# Layout of the heatmap, in inches and points: the figure grows with the table and its labels, so every
+# cell, name, the title and the colour bar fit whatever the number of sources (3-30) and tasks (1-30).
+_CELL_WIDTH, _CELL_HEIGHT = 0.55, 0.34   # inches per column / row; a cell holds "0.00" at _VALUE_SIZE
+_LABEL_SIZE, _VALUE_SIZE, _TITLE_SIZE = 9, 7, 11  # points
+_CHAR_WIDTH = 0.62  # a character's mean width, as a fraction of the font size (DejaVu Sans)
+
+
+def _text_inches(text: str, points: float) -> float:
+  return len(text) * _CHAR_WIDTH * points / 72.0
+
+
+def heatmap_figure(table: AttentionTable, include_target: bool = True, title: Optional[str] = None,
+                   cmap: str = "Blues"):
+  """The paper's heatmap (Asai et al., 2022, fig. 6) of `table` as a matplotlib Figure.
+
+  Rows: the N target tasks; columns: the t sources (and the target prompt's own weight a_{t+1} unless
+  `include_target` is False); each cell prints its value ("-" for a task without examples). The figure is
+  sized from the number of rows and columns and the longest names, and laid out with matplotlib's
+  constrained layout, so nothing is clipped.
+  """
+  from matplotlib import figure as figure_lib  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+
+  columns = list(table.candidate_names)
+  values = np.asarray(table.mean_attention, np.float64)
+  if not include_target and TARGET_COLUMN in columns:
+    keep = [i for i, c in enumerate(columns) if c != TARGET_COLUMN]
+    columns, values = [columns[i] for i in keep], values[:, keep]
+  rows = list(table.task_names)
+  n_rows, n_cols = values.shape
+  # Column names are rotated 45 degrees: they need ~0.71 of their length below and beside the grid.
+  col_label = max([_text_inches(c, _LABEL_SIZE) for c in columns] + [0.0]) * 0.71
+  row_label = max([_text_inches(r, _LABEL_SIZE) for r in rows] + [0.0])
+  grid_width, grid_height = n_cols * _CELL_WIDTH, n_rows * _CELL_HEIGHT
+  width = max(4.0, row_label + grid_width + col_label * 0.71 + 1.6)  # + axis label, colour bar
+  height = max(2.8, grid_height + col_label + 1.6)  # + axis label, title
+  if title:
+    chars_per_line = max(20, int((width - 0.3) * 72.0 / (_CHAR_WIDTH * _TITLE_SIZE)))
+    title = "\n".join(textwrap.wrap(title, chars_per_line)) or title
+    height += 0.25 * title.count("\n")
+  # A Figure of its own with an Agg canvas (not pyplot's global state): no display is needed.
+  fig = figure_lib.Figure(figsize=(width, height), layout="constrained")
+  backend_agg.FigureCanvasAgg(fig)
+  ax = fig.add_subplot()
+  finite = values[np.isfinite(values)]
+  vmax = float(finite.max()) if finite.size else 1.0
+  image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0.0, vmax=max(vmax, 1e-6),
+                    aspect="auto")
+  ax.set_xticks(range(n_cols), labels=columns, rotation=45, ha="right", rotation_mode="anchor",
+                fontsize=_LABEL_SIZE)
+  ax.set_yticks(range(n_rows), labels=rows, fontsize=_LABEL_SIZE)
+  ax.set_xlabel("source prompts" + (" (and the target prompt)" if TARGET_COLUMN in columns else ""))
+  ax.set_ylabel("target tasks")
+  for i in range(n_rows):
+    for j in range(n_cols):
+      v = values[i, j]
+      ax.text(j, i, "-" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center",
+              fontsize=_VALUE_SIZE, color="white" if np.isfinite(v) and v > 0.6 * vmax else "black")
+  # At most ~0.25 inch wide, however tall the grid (matplotlib's default aspect of 20 widens it with height).
+  colorbar = fig.colorbar(image, ax=ax, aspect=max(20.0, grid_height / 0.25))
+  colorbar.set_label("mean attention")
+  if title:
+    ax.set_title(title, fontsize=_TITLE_SIZE)
+  return fig
+
+
+def render_heatmap(table: AttentionTable, output: str, include_target: bool = True,
+                   title: Optional[str] = None, cmap: str = "Blues", dpi: int = 150) -> str:
+  """Draws `heatmap_figure(table, ...)` to the PNG `output` (its directory is created); returns `output`."""
+  fig = heatmap_figure(table, include_target=include_target, title=title, cmap=cmap)
+  directory = os.path.dirname(os.path.abspath(output))
+  os.makedirs(directory, exist_ok=True)
+  with atomic.atomic_file(output) as tmp:
+    fig.savefig(tmp, dpi=dpi, format="png")
+  return output
+
+
+def _define_heatmap_flags() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("table", None, "Attention table (.json or .npz) written by eval.")
+  flags.DEFINE_string("output", None, "PNG to write.")
+  flags.DEFINE_bool("no_target", False, "Leave out the target prompt's column.")
+  flags.DEFINE_string("title", None, "Figure title.")
+  flags.DEFINE_string("cmap", "Blues", "Matplotlib colormap.")
+  flags.DEFINE_integer("dpi", 150, "Resolution of the PNG.")
+
+
+def _heatmap_main(argv: Sequence[str]) -> None:
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not f.table or not f.output:
+    raise app.UsageError("--table and --output are required")
+  table = load_attention_table(f.table)
+  render_heatmap(table, f.output, include_target=not f.no_target, title=f.title, cmap=f.cmap, dpi=f.dpi)
+  print(f"wrote {f.output}: {len(table.task_names)} tasks x {len(table.candidate_names)} candidates",
+        file=sys.stderr)
+
+
+def heatmap_main() -> None:
+  """`prompt-mix-heatmap --table=attention.json --output=heatmap.png [--no_target] [--title=...]`."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_heatmap_flags()
+  app.run(_heatmap_main)
 
 
 # ------------------------------------------------------------------------------------------ tokens

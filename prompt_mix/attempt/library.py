@@ -325,7 +325,12 @@ def _define_flags() -> None:
   source_commands.define_flags()
 
 
-if __name__ == "__main__":
+def main() -> None:
+  """The `prompt-mix-library` console script; the same as `python -m prompt_mix.attempt.library`."""
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
   app.run(_main)
+
+
+if __name__ == "__main__":
+  main()

@@ -61,6 +61,15 @@ def _base(name: str, schedule: optax.Schedule, weight_decay: float,
   raise ValueError(f"make_optimizer: unknown optimizer {name!r} (adafactor, adamw, adam, sgd)")
 
 
+class ScheduledTransformation(optax.GradientTransformationExtraArgs):
+  """An optax transformation that can also say its learning rates, for the training summaries.
+
+  `learning_rates(count)` -> {group: rate} of the update number `count` (0 for the first update, as optax
+  counts); the group is 'default' or a regex of `group_learning_rates`. (A NamedTuple subclass without
+  `__slots__`, so an instance can carry the attribute; optax sees an ordinary transformation.)
+  """
+
+
 @gin.configurable
 def make_optimizer(name: str = "adafactor", learning_rate: float = 0.3, warmup_steps: int = 0,
                    decay: str = "constant", total_steps: Optional[int] = None,
@@ -76,22 +85,30 @@ def make_optimizer(name: str = "adafactor", learning_rate: float = 0.3, warmup_s
     group_learning_rates: {regex: learning rate}; a leaf whose '/'-joined path matches a regex (first
       match wins) gets that rate with the same schedule shape, e.g. {'attention_gate': 0.1}.
     clip_grad_norm: clip the global gradient norm before the update.
+  Returns:
+    A `ScheduledTransformation`: `tx.learning_rates(count)` gives each group's rate (the trainer logs it).
   """
-  def tx_for(lr):
-    schedule = make_schedule(lr, warmup_steps, decay, total_steps)
-    return _base(name, schedule, weight_decay, adafactor_decay_rate, multiply_by_parameter_scale,
+  schedules = {}
+
+  def tx_for(group, lr):
+    schedules[group] = make_schedule(lr, warmup_steps, decay, total_steps)
+    return _base(name, schedules[group], weight_decay, adafactor_decay_rate, multiply_by_parameter_scale,
                  adafactor_clipping_threshold)
 
   groups = dict(group_learning_rates or {})
   if groups:
-    transforms = {"default": tx_for(learning_rate), **{p: tx_for(lr) for p, lr in groups.items()}}
+    transforms = {"default": tx_for("default", learning_rate),
+                  **{p: tx_for(p, lr) for p, lr in groups.items()}}
     labels = lambda tree: flax.traverse_util.unflatten_dict(group_of_each_leaf(tree, groups), sep="/")
     tx = optax.multi_transform(transforms, labels)
   else:
-    tx = tx_for(learning_rate)
+    tx = tx_for("default", learning_rate)
   if clip_grad_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_grad_norm), tx)
-  return tx
+  tx = optax.with_extra_args_support(tx)
+  scheduled = ScheduledTransformation(tx.init, tx.update)
+  scheduled.learning_rates = lambda count: {group: float(fn(count)) for group, fn in schedules.items()}
+  return scheduled
 
 
 def group_of_each_leaf(tree: Any, group_learning_rates: Mapping[str, float]) -> dict[str, str]:

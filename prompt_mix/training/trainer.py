@@ -179,7 +179,8 @@ def train(model_dir: str = gin.REQUIRED,
       now = time.time()
       steps_per_sec = (step - tick_step) / max(now - tick, 1e-9)
       scalars = {"loss": loss_value, "z_loss": float(aux["z_loss"]), "grad_norm": grad_norm,
-                 "steps_per_sec": steps_per_sec, "tokens_per_sec": steps_per_sec * tokens_per_batch}
+                 "steps_per_sec": steps_per_sec, "tokens_per_sec": steps_per_sec * tokens_per_batch,
+                 **_learning_rate_scalars(tx, step)}
       writer.write_scalars(step, scalars)
       logging.info("step %d/%d loss %.4f | %.2f steps/s, %.0f tokens/s, ETA %.0fs", step, train_steps,
                    loss_value, steps_per_sec, scalars["tokens_per_sec"],
@@ -216,6 +217,18 @@ def _variables(model, trainable, frozen) -> dict:
 
 def _is_number(v) -> bool:
   return isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)
+
+
+def _learning_rate_scalars(tx, step: int) -> dict[str, float]:
+  """{'learning_rate': ..., 'learning_rate/<group>': ...}: the rates step `step` (1-based) applied.
+
+  Known for optimizers from `optimizers.make_optimizer` (which say their schedules); empty for others.
+  """
+  rates = getattr(tx, "learning_rates", None)
+  if rates is None:
+    return {}
+  return {"learning_rate" if group == "default" else f"learning_rate/{group}": rate
+          for group, rate in rates(step - 1).items()}  # optax counts updates from 0.
 
 
 def _metric_writer(model_dir: str):
