@@ -42,11 +42,14 @@ def test_loss_goes_down_from_the_identity_init(name):
 
 
 def test_fresh_adapters_give_exactly_the_backbone():
+  """With 'lora' init (`up` zero) a fresh adapter is the identity; He et al.'s Houlsby runs use 'bert'."""
+  assert ADAPTERS["houlsby"].init == "bert" and ADAPTERS["parallel"].init == "lora"
   batch = checks.make_batch()
   backbone = checks.make_model(())
   variables = checks.init(backbone, batch)
   expected = np.asarray(backbone.logits(variables, batch))
   for delta in ADAPTERS.values():
+    delta = dataclasses.replace(delta, init="lora")
     model = checks.make_model((delta,))
     peft = checks.init(model, batch)["peft"]
     got = np.asarray(model.logits({"params": variables["params"], "peft": peft}, batch))
@@ -62,12 +65,16 @@ def _apply(delta_module, x_normed, y, seed=0):
   return delta_module.apply({"peft": peft}, residual, x_normed, y, ctx), model_lib.flatten(peft)
 
 
-@pytest.mark.parametrize("parallel,scale", [(False, 1.0), (True, 1.0), (True, 4.0)])
-def test_adapter_formula(parallel, scale):
+@pytest.mark.parametrize("parallel,scale,parallel_input", [
+    (False, 1.0, "residual"), (True, 1.0, "residual"), (True, 4.0, "residual"), (True, 4.0, "normed")])
+def test_adapter_formula(parallel, scale, parallel_input):
+  """Sequential: reads the block's output; parallel: its residual input (He et al.) or its normed input."""
   rng = np.random.RandomState(0)
   x_normed, y = (jnp.asarray(rng.randn(2, 3, 8), jnp.float32) for _ in range(2))
-  out, p = _apply(adapters.AdapterModule(5, parallel=parallel, scale=scale), x_normed, y)
-  src = np.asarray(x_normed if parallel else y)
+  module = adapters.AdapterModule(5, parallel=parallel, parallel_input=parallel_input, scale=scale)
+  out, p = _apply(module, x_normed, y)
+  residual = np.asarray(x_normed) + 1.0  # What `_apply` hands as the residual input.
+  src = (residual if parallel_input == "residual" else np.asarray(x_normed)) if parallel else np.asarray(y)
   hidden = np.maximum(src @ p["down/kernel"] + p["down/bias"], 0.0)
   expected = np.asarray(y) + scale * (hidden @ p["up/kernel"] + p["up/bias"])
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-6)
@@ -124,3 +131,19 @@ def test_bad_options_name_the_value():
     adapters.HoulsbyAdapter(layers=["last"])
   with pytest.raises(ValueError, match="5 is out of range for the encoder stack of 2 layers"):
     _peft_paths(adapters.HoulsbyAdapter(layers=(5,)))
+
+
+def test_adapter_input_layer_norm_is_pytorchs():
+  """layer_norm='in': PyTorch's nn.LayerNorm (scale, bias, eps 1e-5) on the adapter's input."""
+  torch = pytest.importorskip("torch")
+  rng = np.random.RandomState(1)
+  x_normed, y = (jnp.asarray(rng.randn(2, 3, 8), jnp.float32) for _ in range(2))
+  out, p = _apply(adapters.AdapterModule(5, layer_norm="in"), x_normed, y)
+  norm = torch.nn.LayerNorm(8, eps=1e-5)
+  with torch.no_grad():
+    norm.weight.copy_(torch.tensor(np.asarray(p["layer_norm_scale"])))
+    norm.bias.copy_(torch.tensor(np.asarray(p["layer_norm_bias"])))
+    normed = norm(torch.tensor(np.asarray(y))).numpy()
+  hidden = np.maximum(normed @ p["down/kernel"] + p["down/bias"], 0.0)
+  expected = np.asarray(y) + hidden @ p["up/kernel"] + p["up/bias"]
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)

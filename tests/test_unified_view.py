@@ -40,7 +40,7 @@ def base_counts():
             adapters.ScaledParallelAdapter(name="spa_default"),
             lora.LoRA(rank=8, targets=("query", "value")),
             lora.LoRA(rank=102, targets=("wi", "wo"), name="lora_ffn"),
-            bitfit.BitFit(), prefix, spa,
+            bitfit.BitFit(), bitfit.BitFit(targets=("dense",), name="bitfit_dense"), prefix, spa,
             prefix_tuning.PrefixTuning(length=30, reparameterization="per_site", name="prefix_reparam"),
             dataclasses.replace(mam.mam_adapter()[0], name="mam_prefix"),
             full_finetune.FullFineTune())
@@ -50,7 +50,8 @@ def base_counts():
   counts = {}
   for path, leaf in flat.items():
     parts = path.split("/")
-    method = next(m for m in ("houlsby", "pa", "spa_default", "lora", "lora_ffn", "bitfit", "prefix_tuning",
+    method = next(m for m in ("houlsby", "pa", "spa_default", "lora", "lora_ffn", "bitfit", "bitfit_dense",
+                              "prefix_tuning",
                               "prefix_reparam", "mam_prefix", "adapter")
                   if m in parts or any(p.endswith("_" + m) for p in parts))
     counts[method] = counts.get(method, 0) + int(np.prod(leaf.shape))
@@ -77,10 +78,14 @@ def test_lora_counts_follow_the_survey(base_counts):
   assert base_counts["lora_ffn"] == 10 * 102 * d * 2 * 12 == 18_800_640
 
 
-def test_bitfit_counts_every_dense_output(base_counts):
+def test_bitfit_counts_every_dense_output_norm_and_the_lm_head(base_counts):
   encoder_layer = 3 * hkv + d + d_ff + d  # q, k, v, o; wi, wo
   decoder_layer = 2 * (3 * hkv + d) + d_ff + d  # self and cross attention; wi, wo
-  assert base_counts["bitfit"] == L * (encoder_layer + decoder_layer) == 202_752  # v1.0: tied logits.
+  dense = L * (encoder_layer + decoder_layer)
+  assert base_counts["bitfit_dense"] == dense == 202_752  # targets=('dense',); v1.0: tied logits.
+  norms = (2 * L + 1 + 3 * L + 1) * d  # 2 per encoder layer + encoder_norm; 3 per decoder layer + decoder_norm.
+  head = 32128  # The tied output layer's bias, [vocab].
+  assert base_counts["bitfit"] == dense + norms + head == 282_496  # The ATTEMPT/Compacter baseline.
 
 
 def test_mam_counts_follow_the_survey(base_counts):

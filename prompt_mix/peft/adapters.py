@@ -1,23 +1,27 @@
 """Bottleneck adapters of He et al.'s unified view: Houlsby (sequential), parallel and scaled parallel.
 
-All three act through the backbone's `sublayer(site)` hook, which hands a sublayer's normed input
-`x_normed [B, n, d]` (the output of `pre_*_layer_norm`) and its output `y [B, n, d]` (before dropout and
-the residual add) and takes back the new `y`:
+All three act through the backbone's `sublayer(site)` hook, which hands a pre-norm block's residual input
+`x [B, n, d]`, its normed input `x_normed` (the output of `pre_*_layer_norm`) and its output `y` after the
+block's dropout, and takes back the `y` that is added to the residual stream:
 
 | method                   | new y                                   | He et al.'s form                 |
 |--------------------------|-----------------------------------------|----------------------------------|
-| `HoulsbyAdapter`         | y + up(relu(down(y)))                   | sequential, h <- h + dh          |
-| `ParallelAdapter`        | y + up(relu(down(x_normed)))            | parallel,   h <- h + dh          |
-| `ScaledParallelAdapter`  | y + s * up(relu(down(x_normed)))        | parallel,   h <- h + s * dh      |
+| `HoulsbyAdapter`         | y + up(relu(down(LN?(y))))              | sequential, h <- h + dh          |
+| `ParallelAdapter`        | y + up(relu(down(LN?(x))))              | parallel,   h <- h + dh          |
+| `ScaledParallelAdapter`  | y + s * up(relu(down(LN?(x))))          | parallel,   h <- h + s * dh      |
+
+As in He et al.'s code and AdapterHub: the adapter's output is added after the block's dropout, the
+adapter has its own dropout inside the bottleneck (after the ReLU, `dropout_rate`), and it may normalize
+its input with its own LayerNorm (`layer_norm='in'`: PyTorch's `nn.LayerNorm`, scale and bias, eps 1e-5;
+He et al.'s `adapter_layernorm_option`; their runs use 'none', the default). The parallel adapter reads the
+block's residual input `x` as He et al.'s (pre-norm) mBART does; `parallel_input='normed'` feeds it the
+normed input the block itself reads instead.
 
 `down` is `[d, r]` and `up` is `[r, d]`, each with a bias (He et al.'s and Houlsby's adapters are
 `nn.Linear` layers; `use_bias=False` gives the survey table's 2rd exactly). Initialization follows He et
-al.'s code (`adapter_init_option="lora"`): `down` kaiming-uniform(a=sqrt(5)) like a PyTorch Linear,
-`up` and both biases zero, so a fresh adapter is the identity and training starts at the backbone.
-
-The parallel adapter reads the sublayer's *normed* input: T5 is pre-norm and the hook exposes the normed
-input, which is what the sublayer itself reads. (He et al.'s mBART code feeds the un-normed residual
-stream; that input is not part of the plug-in surface.)
+al.'s `adapter_init_option`: 'bert' for the Houlsby adapter (their Houlsby runs: both kernels
+normal(0, 0.02), biases zero), 'lora' for the parallel ones (`down` kaiming-uniform(a=sqrt(5)) like a
+PyTorch Linear, `up` and both biases zero, so a fresh adapter is the identity).
 
 Leaves live where the adapter acts, one module per sublayer, named `{site.kind}_{name}`:
 
@@ -32,49 +36,33 @@ peft/{encoder,decoder}/layers_i/mlp_adapter/down/kernel       [d, r]   ('prompt_
 
 Logical axes: `prompt_embed` for d and None for r (PEFT leaves are replicated, docs/design.md, Partitioning). With
 `num_tasks=N` every leaf gains a leading `tasks` axis and each example uses its task's adapter.
-Parameters per adapted sublayer: 2rd + r + d (2rd without biases); the survey's table counts
+Parameters per adapted sublayer: 2rd + r + d (2rd without biases; + 2d with `layer_norm='in'`, whose
+`layer_norm/{scale,bias}` live beside `down` and `up`); the survey's table counts
 2rd x 3 x L for attention (encoder self, decoder self, cross) and 2rd x 2 x L for FFN, L layers per stack.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import gin
-import jax
 import jax.numpy as jnp
 
 from prompt_mix.peft import selection
+from prompt_mix.peft import torch_compat
 from prompt_mix.peft import tasks as tasks_lib
 from prompt_mix.t5 import plugins
 
 Array = Any
 
 
-def kaiming_uniform_sqrt5(rng: Array, shape: tuple[int, ...]) -> Array:
-  """PyTorch's `nn.Linear` weight init, kaiming_uniform(a=sqrt(5)), for a kernel `[in, out]`.
-
-  With a = sqrt(5) the gain is sqrt(1/3) and the bound gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in).
-  """
-  bound = 1.0 / math.sqrt(shape[0])
-  return jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
-
-
-def zeros(rng: Array, shape: tuple[int, ...]) -> Array:
-  del rng
-  return jnp.zeros(shape, jnp.float32)
-
-
-def bert_normal(rng: Array, shape: tuple[int, ...]) -> Array:
-  """BERT's `init_bert_weights`: normal(0, 0.02) (He et al.'s `adapter_init_option='bert'`)."""
-  return 0.02 * jax.random.normal(rng, shape, jnp.float32)
-
-
 # `init` option -> (down kernel init, up kernel init); biases always start at zero.
-INITS = {"lora": (kaiming_uniform_sqrt5, zeros), "bert": (bert_normal, bert_normal)}
+INITS = {"lora": (torch_compat.kaiming_uniform_sqrt5, torch_compat.zeros),
+         "bert": (torch_compat.bert_normal, torch_compat.bert_normal)}
+LAYER_NORMS = ("none", "in")
+PARALLEL_INPUTS = ("residual", "normed")
 
 
 class TaskDense(nn.Module):
@@ -90,8 +78,8 @@ class TaskDense(nn.Module):
 
   features: int
   axes: tuple[str, str]
-  kernel_init: Callable[..., Array] = kaiming_uniform_sqrt5
-  bias_init: Callable[..., Array] = zeros
+  kernel_init: Callable[..., Array] = torch_compat.kaiming_uniform_sqrt5
+  bias_init: Callable[..., Array] = torch_compat.zeros
   use_bias: bool = True
   num_tasks: Optional[int] = None
 
@@ -117,13 +105,15 @@ class TaskDense(nn.Module):
 
 
 class AdapterModule(nn.Module):
-  """One adapter at one sublayer: `down [d, r]`, ReLU, `up [r, d]` (zero-initialized), times `scale`.
+  """One adapter at one sublayer: (LN,) `down [d, r]`, ReLU, dropout, `up [r, d]`, times `scale`.
 
   Attributes:
     bottleneck: r.
-    parallel: False (Houlsby): the bottleneck reads the sublayer output y; True: its normed input.
+    parallel: False (Houlsby): the bottleneck reads the block's output y; True: its input.
+    parallel_input: 'residual' (the block's residual input x, He et al.) or 'normed' (its normed input).
     scale: s, multiplies the bottleneck's output.
     use_bias: biases on `down` and `up`.
+    layer_norm: 'none', or 'in' for a LayerNorm (scale and bias) on the adapter's input.
     dropout_rate: dropout on the bottleneck activations (off when `ctx.deterministic`).
     num_tasks: None or N (see `TaskDense`).
     init_option: a key of `INITS` (not `init`, which would shadow `nn.Module.init`).
@@ -131,18 +121,31 @@ class AdapterModule(nn.Module):
 
   bottleneck: int
   parallel: bool = False
+  parallel_input: str = "residual"
   scale: float = 1.0
   use_bias: bool = True
+  layer_norm: str = "none"
   dropout_rate: float = 0.0
   num_tasks: Optional[int] = None
   init_option: str = "lora"
 
   @nn.compact
   def __call__(self, residual: Array, x_normed: Array, y: Array, ctx: plugins.Context) -> Array:
-    """x_normed, y [B, n, d] -> y + s * up(relu(down(x_normed if parallel else y))) [B, n, d]."""
-    del residual
-    x = x_normed if self.parallel else y
+    """residual, x_normed, y [B, n, d] -> y + s * up(drop(relu(down(LN?(input))))) [B, n, d]."""
+    if self.parallel:
+      x = residual if self.parallel_input == "residual" else x_normed
+    else:
+      x = y
     d = y.shape[-1]
+    if self.layer_norm == "in":
+      scale = tasks_lib.peft_param(self, "layer_norm_scale", torch_compat.ones, (d,), ("prompt_embed",),
+                                   self.num_tasks)
+      bias = tasks_lib.peft_param(self, "layer_norm_bias", torch_compat.zeros, (d,), ("prompt_embed",),
+                                  self.num_tasks)
+      if self.num_tasks is not None:
+        scale = tasks_lib.per_example(scale, ctx, self.num_tasks)[:, None, :]
+        bias = tasks_lib.per_example(bias, ctx, self.num_tasks)[:, None, :]
+      x = torch_compat.layer_norm(jnp.asarray(x, jnp.float32), scale, bias).astype(x.dtype)
     down_init, up_init = INITS[self.init_option]
     h = TaskDense(self.bottleneck, ("prompt_embed", None), kernel_init=down_init,
                   use_bias=self.use_bias, num_tasks=self.num_tasks, name="down")(x, ctx)
@@ -168,13 +171,17 @@ class _Adapter(plugins.Delta):
     layers: 'all', ('first', k), ('last', k) or layer indices of each selected stack (`selection`).
     scale: s, multiplies the adapter's output.
     use_bias: biases on `down` and `up` (He et al.'s adapters have them).
-    dropout_rate: dropout inside the bottleneck.
+    dropout_rate: dropout inside the bottleneck (after the ReLU).
+    layer_norm: 'none' or 'in' (a LayerNorm with scale and bias on the adapter's input).
+    parallel_input: for the parallel adapters, 'residual' (the block's residual input, He et al.) or
+      'normed' (the block's normed input).
     num_tasks: None for one adapter, N for a bank of N adapters selected per example by `task_ids`.
     name: the module is `{site.kind}_{name}`, e.g. `mlp_adapter`; change it to stack two adapters at
       the same sublayer.
-    init: 'lora' (default; He et al.'s `adapter_init_option`): `down` kaiming-uniform(a=sqrt(5)), `up`
-      zero, so the adapter starts as the identity; 'bert': both kernels normal(0, 0.02) (not the
-      identity at init, but every leaf gets a gradient on the first step).
+    init: He et al.'s `adapter_init_option`: 'bert' (both kernels normal(0, 0.02): not the identity at
+      init, every leaf gets a gradient on the first step) or 'lora' (`down` kaiming-uniform(a=sqrt(5)),
+      `up` zero: the adapter starts as the identity). Houlsby defaults to 'bert', the parallel adapters
+      to 'lora', as He et al.'s runs.
   """
 
   bottleneck: int = 64
@@ -184,6 +191,8 @@ class _Adapter(plugins.Delta):
   scale: float = 1.0
   use_bias: bool = True
   dropout_rate: float = 0.0
+  layer_norm: str = "none"
+  parallel_input: str = "residual"
   num_tasks: Optional[int] = None
   name: str = "adapter"
   init: str = "lora"
@@ -201,12 +210,17 @@ class _Adapter(plugins.Delta):
       raise ValueError(f"{cls}.bottleneck must be >= 1, got {self.bottleneck}")
     if self.init not in INITS:
       raise ValueError(f"{cls}.init: unknown {self.init!r}; choose from {tuple(INITS)}")
+    if self.layer_norm not in LAYER_NORMS:
+      raise ValueError(f"{cls}.layer_norm: unknown {self.layer_norm!r}; choose from {LAYER_NORMS}")
+    if self.parallel_input not in PARALLEL_INPUTS:
+      raise ValueError(f"{cls}.parallel_input: unknown {self.parallel_input!r}; choose from {PARALLEL_INPUTS}")
 
   def sublayer(self, site: plugins.Site) -> Optional[nn.Module]:
     if not selection.selects(site, self.stacks, self.layers, self._kinds, f"{type(self).__name__}.layers"):
       return None
-    return AdapterModule(self.bottleneck, self.parallel, self.scale, self.use_bias, self.dropout_rate,
-                         self.num_tasks, self.init, name=f"{site.kind}_{self.name}")
+    return AdapterModule(self.bottleneck, self.parallel, self.parallel_input, self.scale, self.use_bias,
+                         self.layer_norm, self.dropout_rate, self.num_tasks, self.init,
+                         name=f"{site.kind}_{self.name}")
 
 
 @gin.configurable
@@ -214,9 +228,10 @@ class _Adapter(plugins.Delta):
 class HoulsbyAdapter(_Adapter):
   """Sequential adapter after attention and FFN: y <- y + up(relu(down(y))) (Houlsby et al. 2019).
 
-  Defaults to r = 64 after every attention and FFN (Houlsby et al.'s placement).
+  Defaults to r = 64 after every attention and FFN (Houlsby et al.'s placement), 'bert' init (He et al.).
   """
 
+  init: str = "bert"
   parallel = False
 
 

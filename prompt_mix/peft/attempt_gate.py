@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from prompt_mix.peft import tasks
+from prompt_mix.peft import torch_compat
 
 Array = Any
 GATE_NAME = "attention_gate"  # The gate's subtree in `peft`: a per-group learning rate selects it by name.
@@ -61,13 +62,6 @@ def attention(scores: Array, temperature: float, axis: int = -1) -> Array:
   return jax.nn.softmax(jnp.asarray(scores, jnp.float32) / temperature, axis=axis)
 
 
-def torch_layer_norm(x: Array, scale: Array, bias: Array, epsilon: float = 1e-5) -> Array:
-  """PyTorch `nn.LayerNorm` over the last axis: (x - mean) / sqrt(biased var + eps) * scale + bias."""
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
-
-
 class AttentionGate(nn.Module):
   """G: projects the pooled input into prompt space, z = LayerNorm(W_up SiLU(W_down x)).
 
@@ -102,7 +96,7 @@ class AttentionGate(nn.Module):
     bias = tasks.peft_param(self, "layer_norm_bias", lambda _, s: jnp.zeros(s, jnp.float32), (d,),
                             ("prompt_embed",))
     h = nn.silu(jnp.asarray(x, jnp.float32) @ w_down)
-    return torch_layer_norm(h @ w_up, scale, bias, self.epsilon)
+    return torch_compat.layer_norm(h @ w_up, scale, bias, self.epsilon)
 
 
 def gate_param_count(d: int, r: int) -> int:

@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from prompt_mix import export_formats
-from prompt_mix.peft import adapters
 from prompt_mix.peft import selection
 from prompt_mix.peft import tasks as tasks_lib
+from prompt_mix.peft import torch_compat
 from prompt_mix.t5 import plugins
 
 Array = Any
@@ -58,9 +58,9 @@ def _gaussian_a(rng: Array, shape: tuple[int, ...]) -> Array:
 
 # PEFT's `init_lora_weights` -> (a init, b init). False keeps torch Linear's default init for both
 # (kaiming-uniform(a=sqrt(5)): fan_in is `in` for A and r for B), so B is not zero.
-_INITS = {True: (adapters.kaiming_uniform_sqrt5, adapters.zeros),
-          "gaussian": (_gaussian_a, adapters.zeros),
-          False: (adapters.kaiming_uniform_sqrt5, adapters.kaiming_uniform_sqrt5)}
+_INITS = {True: (torch_compat.kaiming_uniform_sqrt5, torch_compat.zeros),
+          "gaussian": (_gaussian_a, torch_compat.zeros),
+          False: (torch_compat.kaiming_uniform_sqrt5, torch_compat.kaiming_uniform_sqrt5)}
 
 
 class LoraModule(nn.Module):

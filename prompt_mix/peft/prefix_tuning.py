@@ -61,13 +61,13 @@ from absl import logging
 import flax
 import flax.linen as nn
 import gin
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from prompt_mix import export_formats
 from prompt_mix.peft import selection
 from prompt_mix.peft import tasks as tasks_lib
+from prompt_mix.peft import torch_compat
 from prompt_mix.t5 import plugins
 from prompt_mix.t5.config import T5Config
 
@@ -80,12 +80,6 @@ REPARAMETERIZATIONS = ("shared", "per_site")
 
 _normal = nn.initializers.normal(stddev=1.0)  # torch.nn.Embedding's init, as HF PEFT's PrefixEncoder.
 _zeros = nn.initializers.zeros
-
-
-def _torch_linear(fan_in: int):
-  """PyTorch `nn.Linear`'s init of a kernel or bias with this fan-in: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  bound = 1.0 / float(fan_in) ** 0.5
-  return lambda rng, shape: jax.random.uniform(rng, shape, jnp.float32, -bound, bound)
 
 
 def reparameterized_kv(embedding: Array, wi: Array, bi: Array, wo: Array, bo: Array
@@ -129,10 +123,10 @@ class SharedPrefixMLP(nn.Module):
     d_emb = delta.prefix_embed_dim or ctx.embedding.shape[-1]
     param = lambda name, init, shape, axes: tasks_lib.peft_param(self, name, init, shape, axes, n)
     embedding = param("embedding", _normal, (l, d_emb), ("prompt", "prompt_embed"))
-    wi = param("mlp_wi", _torch_linear(d_emb), (d_emb, hid), ("prompt_embed", None))
-    bi = param("mlp_bi", _torch_linear(d_emb), (hid,), (None,))
-    wo = param("mlp_wo", _torch_linear(hid), (hid, big_l, 2, h, dk), (None,) * 5)
-    bo = param("mlp_bo", _torch_linear(hid), (big_l, 2, h, dk), (None,) * 4)
+    wi = param("mlp_wi", torch_compat.linear_uniform(d_emb), (d_emb, hid), ("prompt_embed", None))
+    bi = param("mlp_bi", torch_compat.linear_uniform(d_emb), (hid,), (None,))
+    wo = param("mlp_wo", torch_compat.linear_uniform(hid), (hid, big_l, 2, h, dk), (None,) * 5)
+    bo = param("mlp_bo", torch_compat.linear_uniform(hid), (big_l, 2, h, dk), (None,) * 4)
     keys, values = reparameterized_kv(embedding, wi, bi, wo, bo)
     if delta.dropout_rate:  # He et al.'s prefix dropout, on the MLP's output.
       dropout = nn.Dropout(delta.dropout_rate)
