@@ -100,9 +100,9 @@ def _results(model, variables, batch):
   """Per-example scores, the loss and its z-loss, and the gradient of the trainable leaves."""
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   trainable, frozen = model_lib.split_trainable(variables, model.trains_backbone)
-  grad_fn = jax.grad(lambda tr: model.loss_fn(model_lib.merge_trainable(tr, frozen), batch)[0])
-  loss, aux = model.loss_fn(variables, batch)
-  return dict(scores=model.score_batch(variables, batch), loss=loss, z_loss=aux["z_loss"],
+  grad_fn = jax.jit(jax.grad(lambda tr: model.loss_fn(model_lib.merge_trainable(tr, frozen), batch)[0]))
+  loss, aux = jax.jit(model.loss_fn)(variables, batch)
+  return dict(scores=jax.jit(model.score_batch)(variables, batch), loss=loss, z_loss=aux["z_loss"],
               grads=grad_fn(trainable))
 
 

@@ -103,7 +103,7 @@ class Evaluator:
     self.buckets = (length_buckets or buckets_lib.LengthBuckets()).resolve(task_feature_lengths)
     buckets_lib.check_model(model, self.buckets)
     self.encode_once = encode_once
-    loggers = (seqio.PyLoggingLogger,) + ((seqio.JSONLogger,) if log_dir else ())
+    loggers = (seqio.PyLoggingLogger, seqio.JSONLogger) if log_dir else ()  # SeqIO's need a log_dir.
     if log_dir:
       os.makedirs(os.path.join(log_dir, "inference_eval"), exist_ok=True)
     self._evaluator = seqio.Evaluator(
