@@ -33,6 +33,11 @@ def test_buckets_are_multiples_of_a_step_up_to_the_feature_length():
   resolved = buckets.LengthBuckets().resolve({"inputs": 100, "targets": 16})
   assert resolved.inputs == (32, 64, 96, 100) and resolved.targets == (8, 16)
   assert resolved.max_shapes == 8
+  long_targets = buckets.LengthBuckets().resolve({"inputs": 256, "targets": 128})  # The ATTEMPT runs'.
+  assert long_targets.inputs == (32, 64, 96, 128, 160, 192, 224, 256)
+  assert long_targets.targets == (8, 16, 32, 64, 128)  # Doubling: few target buckets.
+  assert buckets.LengthBuckets(input_doubling=True).resolve({"inputs": 512, "targets": 4}) == buckets.Buckets(
+      inputs=(32, 64, 128, 256, 512), targets=(4,))
   explicit = buckets.LengthBuckets(input_lengths=[200, 48, 16], target_lengths=[4]).resolve(
       {"inputs": 64, "targets": 8})
   assert explicit.inputs == (16, 48, 64) and explicit.targets == (4, 8)

@@ -2,9 +2,9 @@
 
 A T5X run pads every example to `TASK_FEATURE_LENGTHS` (e.g. inputs 256), so a batch of 50-token MNLI
 inputs computes mostly padding. With buckets, a batch is padded to the smallest *bucket* that holds its
-longest example. Buckets are a small static set (by default the multiples of 32 up to the input feature
-length, and of 8 up to the target feature length), so a jitted step compiles once per bucket pair and no
-more. Padding never changes a result: pad positions are masked everywhere in the backbone (attention,
+longest example. Buckets are a small static set (by default the multiples of 32 up to the input
+feature length; 8, 16, 32, ... up to the target feature length), so a jitted step compiles once per
+bucket pair and no more. Padding never changes a result: pad positions are masked everywhere in the backbone (attention,
 cross-attention, the loss weights) and in every method but one setting, ATTEMPT's `unmasked_pooling`,
 which pools over the padding on purpose; `check_model` refuses that combination.
 
@@ -48,16 +48,21 @@ class LengthBuckets:
     enabled: False pads every batch to the task feature lengths, as T5X does.
     input_step: input buckets are the multiples of this up to the input feature length (which is always
       the last bucket).
-    target_step: the same for targets.
-    input_lengths / target_lengths: explicit buckets instead of the multiples of a step; lengths above
-      the feature length are dropped, and the feature length is always added.
+    input_doubling: instead, the step times the powers of two (32, 64, 128, ...).
+    target_step / target_doubling: the same for targets; by default 8, 16, 32, ...: classification
+      targets are a few tokens, and answers of QA tasks spread up to long feature lengths (128 in the
+      ATTEMPT runs), where doubling keeps the number of buckets (compilations) small.
+    input_lengths / target_lengths: explicit buckets instead; lengths above the feature length are
+      dropped, and the feature length is always added.
     window_batches: training groups examples by length within windows of this many batches; larger
       windows give tighter batches, smaller ones keep batch composition closer to random.
   """
 
   enabled: bool = True
   input_step: int = 32
+  input_doubling: bool = False
   target_step: int = 8
+  target_doubling: bool = True
   input_lengths: Optional[Sequence[int]] = None
   target_lengths: Optional[Sequence[int]] = None
   window_batches: int = 32
@@ -77,17 +82,24 @@ class LengthBuckets:
     """The buckets for these feature lengths, or None when bucketing is off."""
     if not self.enabled:
       return None
-    return Buckets(inputs=_boundaries(task_feature_lengths, "inputs", self.input_step, self.input_lengths),
-                   targets=_boundaries(task_feature_lengths, "targets", self.target_step,
-                                       self.target_lengths))
+    return Buckets(
+        inputs=_boundaries(task_feature_lengths, "inputs", self.input_step, self.input_doubling,
+                           self.input_lengths),
+        targets=_boundaries(task_feature_lengths, "targets", self.target_step, self.target_doubling,
+                            self.target_lengths))
 
 
-def _boundaries(lengths: Mapping[str, int], key: str, step: int,
+def _boundaries(lengths: Mapping[str, int], key: str, step: int, doubling: bool,
                 explicit: Optional[Sequence[int]]) -> tuple[int, ...]:
   if key not in lengths:
     raise ValueError(f"Length buckets need TASK_FEATURE_LENGTHS['{key}'], got {dict(lengths)}")
   full = int(lengths[key])
-  values = explicit if explicit is not None else range(step, full, step)
+  if explicit is not None:
+    values = explicit
+  elif doubling:
+    values = [step * 2 ** i for i in range(max(full // step, 1).bit_length())]
+  else:
+    values = range(step, full, step)
   return tuple(sorted({int(v) for v in values if int(v) < full} | {full}))
 
 
