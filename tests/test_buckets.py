@@ -161,6 +161,18 @@ def test_unmasked_pooling_depends_on_padding_and_is_refused(tmp_path):
   buckets.check_model(model, None)  # Fixed padding: allowed.
 
 
+def test_a_loss_divided_by_the_padded_target_size_needs_one_target_bucket():
+  model = dataclasses.replace(method_checks.make_model((prompt_tuning.PromptTuning(length=3),)),
+                              loss_normalizing_factor="NUM_TOTAL_TARGET_TOKENS")
+  lengths = {"inputs": 64, "targets": 16}
+  with pytest.raises(ValueError, match=r"NUM_TOTAL_TARGET_TOKENS.*target_lengths = \[16\]"):
+    buckets.check_model(model, buckets.LengthBuckets().resolve(lengths), training=True)
+  buckets.check_model(model, buckets.LengthBuckets().resolve(lengths))  # Scores do not use it.
+  buckets.check_model(model, buckets.LengthBuckets(target_lengths=[16]).resolve(lengths), training=True)
+  buckets.check_model(dataclasses.replace(model, loss_normalizing_factor="NUM_REAL_TARGET_TOKENS"),
+                      buckets.LengthBuckets().resolve(lengths), training=True)
+
+
 # ------------------------------------------------------------------------- the training stream
 LENGTHS = {"inputs": 16, "targets": 4}
 SMALL_BUCKETS = buckets.LengthBuckets(input_step=4, target_step=2, window_batches=4)

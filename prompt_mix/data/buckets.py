@@ -4,9 +4,10 @@ A T5X run pads every example to `TASK_FEATURE_LENGTHS` (e.g. inputs 256), so a b
 inputs computes mostly padding. With buckets, a batch is padded to the smallest *bucket* that holds its
 longest example. Buckets are a small static set (by default the multiples of 32 up to the input
 feature length; 8, 16, 32, ... up to the target feature length), so a jitted step compiles once per
-bucket pair and no more. Padding never changes a result: pad positions are masked everywhere in the backbone (attention,
-cross-attention, the loss weights) and in every method but one setting, ATTEMPT's `unmasked_pooling`,
-which pools over the padding on purpose; `check_model` refuses that combination.
+bucket pair and no more. Padding never changes a result: pad positions are masked everywhere in the
+backbone (attention, cross-attention, the loss weights) and in every method but one setting, ATTEMPT's
+`unmasked_pooling`, which pools over the padding on purpose. `check_model` refuses it, and the loss
+normalization 'NUM_TOTAL_TARGET_TOKENS' (a divisor that counts padding) with more than one target bucket.
 
 Training (`group_by_length`, then `BucketedBatches`): the shuffled, converted examples are cut into
 windows of `window_batches` batches; each window is sorted by length and cut into batches, and the batches
@@ -172,10 +173,20 @@ def trim(batch: Batch, input_length: Optional[int], target_length: Optional[int]
   return out
 
 
-def check_model(model: Any, buckets: Optional[Buckets]) -> None:
-  """Refuses methods whose results depend on the padded length when buckets are on."""
+def check_model(model: Any, buckets: Optional[Buckets], training: bool = False) -> None:
+  """Refuses settings whose results depend on the padded length when buckets are on.
+
+  Two do: ATTEMPT's `unmasked_pooling`, and in training the loss normalization
+  'NUM_TOTAL_TARGET_TOKENS', which divides by the padded target size (so by the target bucket).
+  """
   if buckets is None:
     return
+  if (training and getattr(model, "loss_normalizing_factor", None) == "NUM_TOTAL_TARGET_TOKENS"
+      and len(buckets.targets) > 1):
+    raise ValueError("loss_normalizing_factor='NUM_TOTAL_TARGET_TOKENS' divides the loss by the padded "
+                     f"target size, which changes with the target buckets {list(buckets.targets)}: set "
+                     f"LengthBuckets.target_lengths = [{buckets.targets[-1]}] (one target bucket), or "
+                     "LengthBuckets.enabled = False")
   for delta in getattr(model, "deltas", ()):
     if getattr(delta, "unmasked_pooling", False):
       raise ValueError(f"{type(delta).__name__}(unmasked_pooling=True) pools over the padding, so its "

@@ -168,7 +168,7 @@ def train(model_dir: str = gin.REQUIRED,
         model, eval_mixture_or_task_name or mixture_or_task_name, converter, task_feature_lengths,
         split=eval_split, batch_size=eval_batch_size or batch_size, log_dir=model_dir)
   writer = _metric_writer(model_dir)
-  buckets_lib.check_model(model, buckets_lib.LengthBuckets().resolve(task_feature_lengths))
+  buckets_lib.check_model(model, buckets_lib.LengthBuckets().resolve(task_feature_lengths), training=True)
   data = train_dataset(mixture_or_task_name, task_feature_lengths, batch_size, converter, seed, skip)
   tokens, tick_tokens = 0, 0  # Padded tokens of the global batches so far (buckets vary the length).
 
