@@ -2,6 +2,7 @@
 stream stays deterministic, resumable, complete and agreed across hosts."""
 
 import dataclasses
+import json
 import threading
 
 import jax
@@ -11,6 +12,7 @@ import optax
 import pytest
 import seqio
 
+from prompt_mix import partitioning
 from prompt_mix.attempt import library as library_lib
 from prompt_mix.data import buckets
 from prompt_mix.data import feature_converter
@@ -20,7 +22,9 @@ from prompt_mix.peft import prefix_tuning
 from prompt_mix.peft import prompt_tuning
 from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import model as model_lib
-from prompt_mix.training import step as step_lib
+from prompt_mix.training import evaluation
+from prompt_mix.training import inference
+from prompt_mix.training import setup
 from prompt_mix.training import trainer
 import prompt_mix_tasks  # noqa: F401  (registers the synthetic tasks)
 
@@ -316,3 +320,39 @@ def test_trainer_resumed_run_sees_the_batches_of_an_uninterrupted_run(tmp_path, 
   trainer.train(model_dir=str(tmp_path / "resumed"), **common)
   assert len(seen["straight"]) == len(seen["resumed"]) == 4
   assert seen["straight"] == seen["resumed"]
+
+
+def test_evaluation_and_inference_predict_the_same_with_buckets(tmp_path):
+  """Generation sorts examples by length and trims inputs to buckets: the same predictions, scores and
+  metrics as fixed padding, and inference writes its lines in the examples' order."""
+  model = model_lib.EncoderDecoderModel(config_lib.preset("tiny", vocab_size=384, dropout_rate=0.0),
+                                        (prompt_tuning.PromptTuning(length=2),), z_loss=0.0)
+  model_dir = str(tmp_path / "run")
+  trainer.train(model_dir=model_dir, model=model, mixture_or_task_name=MIXTURE,
+                task_feature_lengths=LENGTHS, train_steps=1, batch_size=4, random_init_backbone=True,
+                optimizer=optax.adam(0.01), checkpoint_period=1, dropout=False)
+  small = buckets.LengthBuckets(input_step=4, target_step=2, window_batches=2)
+  off = buckets.LengthBuckets(enabled=False)
+  lines = {}
+  for name, length_buckets in (("buckets", small), ("fixed", off)):
+    path = inference.infer(model_dir=model_dir, model=model, mixture_or_task_name=MIXTURE,
+                           task_feature_lengths=LENGTHS, random_init_backbone=True, batch_size=4,
+                           max_examples_per_task=5, output_file=str(tmp_path / f"{name}.jsonl"),
+                           length_buckets=length_buckets)
+    lines[name] = [json.loads(line) for line in open(path)]
+  assert len(lines["buckets"]) == len(lines["fixed"]) == 20  # 5 examples of 4 tasks, in 3 windows of 8.
+  for a, b in zip(lines["buckets"], lines["fixed"]):
+    assert (a["task"], a["inputs"], a["prediction"]) == (b["task"], b["inputs"], b["prediction"])
+    assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+
+  variables, _ = setup.restore_trained(
+      model, model_dir, None, setup.dummy_batch(feature_converter.model_input_shapes(LENGTHS, 4)),
+      partitioning.make_mesh(1), random_init_backbone=True)
+  converter = feature_converter.TaskIdEncDecFeatureConverter()
+  evaluators = {name: evaluation.Evaluator(model, "synthetic_src_max", converter, LENGTHS, batch_size=8,
+                                           log_dir=str(tmp_path / name), length_buckets=length_buckets)
+                for name, length_buckets in (("buckets", small), ("fixed", off))}
+  ds = evaluators["fixed"]._evaluator.cached_model_datasets["synthetic_src_max"]
+  predicted = {name: dict(e.predict_rows(variables, ds)) for name, e in evaluators.items()}
+  assert len(predicted["fixed"]) == 100 and predicted["buckets"] == predicted["fixed"]
+  assert evaluators["buckets"].evaluate(variables, 1) == evaluators["fixed"].evaluate(variables, 1)
