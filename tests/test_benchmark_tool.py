@@ -49,3 +49,37 @@ def test_prompt_tuning_inference_and_mixed_task():
   for kind in ("score", "greedy"):
     serving = mixed["serving"][kind]
     assert serving["speedup"] > 0 and len(serving["mixed"]["times_s"]) >= 2
+
+
+def test_length_profiles_have_their_median_and_95th_percentile():
+  code = ("import sys; sys.path.insert(0, 'tools'); import benchmark, numpy as np, json; "
+          "print(json.dumps({name: [float(np.median(x)), float(np.percentile(x, 95)), int(x.min()), "
+          "int(x.max())] for name in benchmark.PROFILES "
+          "for x in [benchmark.profile_lengths(name, 100000, 10000)]}))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  stats = json.loads(proc.stdout.splitlines()[-1])
+  for name, (median, p95) in {"mnli": (50, 110), "rte": (70, 170), "boolq": (140, 320)}.items():
+    got_median, got_p95, shortest, longest = stats[name]
+    assert abs(got_median - median) <= 0.02 * median and abs(got_p95 - p95) <= 0.02 * p95, (name, stats[name])
+    assert shortest >= 2 and longest <= 10000
+
+
+def test_length_profile_and_rank_eval_run_side_by_side():
+  r = run_tool("--batch=4", "--method=prompt_tuning", "--notrain", "--length-profile=rte",
+               "--feature_length=96", "--rank-eval", "--options=3")
+  lp = r["length_profile"]
+  assert lp["profile"] == "rte" and lp["batches"] == 2 and lp["feature_length"] == 96
+  for mode in ("fixed", "peft_dynamic", "buckets"):
+    assert lp[mode]["examples_per_s"] > 0 and len(lp[mode]["times_s"]) == 2, mode
+  # Fixed padding pads every batch to 96; HF's dynamic padding and our buckets pad less (the buckets are
+  # multiples of 32 up to 96, each batch's smallest).
+  assert lp["fixed"]["padded_input_tokens_per_example"] == 96
+  assert lp["peft_dynamic"]["padded_input_tokens_per_example"] <= 96
+  assert all(n in (32, 64, 96) and t == 2 for n, t in lp["bucket_shapes"])
+  assert lp["buckets"]["padded_input_tokens_per_example"] <= 96
+  assert lp["buckets_vs_fixed"] > 0 and lp["buckets_vs_peft_dynamic"] > 0
+  rank = r["rank_eval"]
+  assert rank["options"] == 3 and rank["inputs"] == 4
+  assert rank["max_score_difference"] < 1e-4  # The same scores either way.
+  assert rank["speedup"] > 0 and rank["encode_once"]["examples_per_s"] > 0

@@ -84,6 +84,17 @@ flags.DEFINE_enum("sweep", None, tuple(SWEEPS), "Scaling curve over prompt lengt
 flags.DEFINE_list("sweep_values", None, "Values of the sweep (default: prompt 0..400, batch 1..32).")
 flags.DEFINE_enum("versus", None, METHODS, "Also time this method's step on the same shapes, the two "
                   "steps interleaved, and print the ratio (e.g. --method=attempt --versus=prompt_tuning).")
+flags.DEFINE_enum("length-profile", None, ("mnli", "rte", "boolq"),
+                  "Training examples/s on inputs whose lengths follow this task-like profile (approximate "
+                  "lognormal, PROFILES): fixed padding to --feature_length (T5X), HF PEFT with dynamic "
+                  "padding to each random batch's longest, and ours with length buckets, interleaved; "
+                  "--steps batches of --batch examples each, the same examples for all three.")
+flags.DEFINE_integer("feature_length", 256, "--length-profile: the input feature length (fixed padding's "
+                     "length; longer inputs are truncated to it, as T5X does). Targets: --targets.")
+flags.DEFINE_bool("rank-eval", False, "Rank-classification scoring of --batch inputs with --options label "
+                  "words each: one encoder pass per input (score_options) vs one full row per option "
+                  "(score_batch), interleaved, and the largest score difference.")
+flags.DEFINE_integer("options", 3, "--rank-eval: label words per input.")
 flags.DEFINE_bool("profile", False, "Trace the measured steps and print per-op time by kind.")
 flags.DEFINE_bool("json", False, "Print the results as one JSON line (used by --sweep).")
 
@@ -417,8 +428,34 @@ def bench_decode(setup: Setup, config, length: int, steps: int, warmup: int) -> 
 
 
 # ------------------------------------------------------------------------------------------ HF PEFT
-def bench_peft(method: str, config, params, batch: dict, steps: int, warmup: int) -> dict:
-  """HF PEFT on the same backbone weights and shapes: PyTorch CPU, threads = cores."""
+@dataclasses.dataclass
+class PeftTrainer:
+  """HF PEFT's model and optimizer on our backbone weights, and a training step on any batch."""
+
+  wrapped: Any
+  optimizer: Any
+  trainable: list
+
+  @staticmethod
+  def kwargs(batch: dict) -> dict:
+    """Our batch features as the HF model's arguments; padded label positions are -100 (ignored by the
+    loss), as the HF seq2seq data collators pad them."""
+    import torch  # pylint: disable=g-import-not-at-top
+    t = {k: torch.from_numpy(np.asarray(v)).long() for k, v in batch.items() if k != "decoder_loss_weights"}
+    labels = t["decoder_target_tokens"].masked_fill(t["decoder_target_tokens"] == 0, -100)
+    return dict(input_ids=t["encoder_input_tokens"], attention_mask=(t["encoder_input_tokens"] > 0).long(),
+                decoder_input_ids=t["decoder_input_tokens"], labels=labels)
+
+  def step(self, kwargs: dict):
+    self.optimizer.zero_grad(set_to_none=True)
+    loss = self.wrapped(**kwargs).loss
+    loss.backward()
+    self.optimizer.step()
+    return loss
+
+
+def peft_trainer(method: str, config, params) -> PeftTrainer:
+  """HF PEFT on the same backbone weights: PyTorch CPU, threads = cores."""
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from prompt_mix.t5 import hf_checkpoint  # pylint: disable=g-import-not-at-top
@@ -440,17 +477,19 @@ def bench_peft(method: str, config, params, batch: dict, steps: int, warmup: int
                           warmup_init=False, decay_rate=-0.8, clip_threshold=1.0)
   else:
     optimizer = torch.optim.Adam(trainable, lr=0.3)
-  tensors = {k: torch.from_numpy(np.asarray(v)).long() for k, v in batch.items() if k != "decoder_loss_weights"}
-  kwargs = dict(input_ids=tensors["encoder_input_tokens"],
-                attention_mask=(tensors["encoder_input_tokens"] > 0).long(),
-                decoder_input_ids=tensors["decoder_input_tokens"], labels=tensors["decoder_target_tokens"])
+  return PeftTrainer(wrapped, optimizer, trainable)
+
+
+def bench_peft(method: str, config, params, batch: dict, steps: int, warmup: int) -> dict:
+  """HF PEFT on the same backbone weights and shapes: PyTorch CPU, threads = cores."""
+  import peft  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  trainer = peft_trainer(method, config, params)
+  wrapped, trainable = trainer.wrapped, trainer.trainable
+  kwargs = PeftTrainer.kwargs(batch)
 
   def step():
-    optimizer.zero_grad(set_to_none=True)
-    loss = wrapped(**kwargs).loss
-    loss.backward()
-    optimizer.step()
-    return loss
+    return trainer.step(kwargs)
 
   with RssSampler() as rss:
     train = time_calls(step, steps, warmup)
@@ -460,6 +499,160 @@ def bench_peft(method: str, config, params, batch: dict, steps: int, warmup: int
   return dict(train=train, score=score, rss_peak=rss.peak, rss_growth=rss.peak - rss.start,
               threads=torch.get_num_threads(), torch=torch.__version__, peft=peft.__version__,
               trainable_params=sum(p.numel() for p in trainable))
+
+
+# ------------------------------------------------------------------------------------------ workloads
+# Approximate length profiles of real tasks in T5 SentencePiece tokens (EOS included): the median and 95th
+# percentile of the encoder input, and the range of target lengths (label word + EOS). Approximations for
+# a benchmark, not measurements of the datasets (docs/benchmarks.md).
+PROFILES = {"mnli": (50, 110, (2, 4)), "rte": (70, 170, (2, 5)), "boolq": (140, 320, (2, 3))}
+Z95 = 1.6448536269514722  # The standard normal's 95th percentile.
+
+
+def profile_lengths(name: str, count: int, max_length: int, seed: int = 0) -> np.ndarray:
+  """[count] input lengths from the profile's lognormal (median, p95), clipped to [2, max_length]."""
+  median, p95, _ = PROFILES[name]
+  sigma = (np.log(p95) - np.log(median)) / Z95
+  lengths = np.exp(np.random.RandomState(seed).normal(np.log(median), sigma, count))
+  return np.clip(np.rint(lengths), 2, max_length).astype(np.int64)
+
+
+def profile_examples(name: str, count: int, input_length: int, target_length: int, vocab: int,
+                     seed: int = 0) -> dict:
+  """`count` examples of the profile as model features padded to the feature lengths (EOS = 1 last)."""
+  rng = np.random.RandomState(seed + 1)
+  high = min(vocab, 32000)
+  lengths = profile_lengths(name, count, input_length, seed)
+  low, top = PROFILES[name][2]
+  target_lengths = np.minimum(rng.randint(low, top + 1, count), target_length)
+  inputs = np.zeros((count, input_length), np.int32)
+  targets = np.zeros((count, target_length), np.int32)
+  for i in range(count):
+    inputs[i, :lengths[i] - 1], inputs[i, lengths[i] - 1] = rng.randint(2, high, lengths[i] - 1), 1
+    t = target_lengths[i]
+    targets[i, :t - 1], targets[i, t - 1] = rng.randint(2, high, t - 1), 1
+  return dict(encoder_input_tokens=inputs, decoder_target_tokens=targets,
+              decoder_input_tokens=np.concatenate([np.zeros((count, 1), np.int32), targets[:, :-1]], 1),
+              decoder_loss_weights=(targets > 0).astype(np.float32))
+
+
+def train_step_fn(setup: Setup) -> Callable[[dict], Any]:
+  """Our jitted training step on any batch shape (one compilation per shape), carrying its own state."""
+  model = setup.model
+  trainable, frozen = model_lib.split_trainable(setup.variables, model.trains_backbone)
+  trainable = jax.tree_util.tree_map(jnp.copy, trainable)
+  optimizer = make_optimizer(FLAGS.optimizer)
+  state = [trainable, optimizer.init(trainable)]
+  jitted = jax.jit(step_lib.make_train_step(model, optimizer), donate_argnums=(0, 1))
+  dropout_rng = jax.random.PRNGKey(1) if FLAGS.dropout > 0 else None
+
+  def run(batch):
+    state[0], state[1], loss, _ = jitted(state[0], state[1], frozen, batch, dropout_rng)
+    return loss.block_until_ready()
+
+  return run
+
+
+def length_profile(config, method: str, b: int, m: int, t: int, library_dir: str) -> dict:
+  """Training examples/s on the --length-profile workload, three ways, interleaved round-robin.
+
+  The same `--steps` x `b` examples for all: 'fixed' (ours, every batch padded to the feature lengths, as
+  T5X and the ATTEMPT original), 'peft_dynamic' (HF PEFT, random batches padded to their longest input and
+  target, as its data collators do) and 'buckets' (ours, the library's training grouping:
+  `buckets.group_by_length` over one window of all the batches, each padded to its bucket). Each of our
+  bucket shapes is compiled before the timing; examples/s is total examples over total time.
+  """
+  from prompt_mix.data import buckets as buckets_lib  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  name, n, steps = FLAGS["length-profile"].value, FLAGS.feature_length, FLAGS.steps
+  examples = profile_examples(name, steps * b, n, t, config.vocab_size)
+  deltas = make_deltas(method, m, n, t, config.emb_dim, library_dir)
+  setup = build(config, deltas, {k: jnp.asarray(v[:b]) for k, v in examples.items()}, eos_id=-1)
+  as_jax = lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}
+
+  random_batches = [{k: v[i * b:(i + 1) * b] for k, v in examples.items()} for i in range(steps)]
+  fixed = [as_jax(batch) for batch in random_batches]
+  dynamic = [buckets_lib.trim(batch, buckets_lib.max_length(batch["encoder_input_tokens"]),
+                              buckets_lib.max_length(batch["decoder_target_tokens"]))
+             for batch in random_batches]
+  resolved = buckets_lib.LengthBuckets().resolve({"inputs": n, "targets": t})
+  grouped = buckets_lib.group_by_length(tf.data.Dataset.from_tensor_slices(examples), b, steps, seed=0)
+  bucketed = [as_jax(batch) for batch in buckets_lib.BucketedBatches(
+      grouped.as_numpy_iterator(), resolved, agree=lambda x: x)]
+  assert len(bucketed) == steps
+
+  def cycling(run, batches):
+    position = [0]
+
+    def call():
+      batch = batches[position[0] % len(batches)]
+      position[0] += 1
+      return run(batch)
+
+    return call
+
+  ours_fixed, ours_buckets = train_step_fn(setup), train_step_fn(setup)
+  for shape in {tuple(v.shape for v in batch.values()): batch for batch in bucketed}.values():
+    ours_buckets(shape)  # Compile every bucket shape before timing.
+  calls = {"fixed": cycling(ours_fixed, fixed), "buckets": cycling(ours_buckets, bucketed)}
+  with_peft = method in PEFT_METHODS and bool(deltas)
+  if with_peft:
+    hf = peft_trainer(method, config, setup.variables["params"])
+    hf_batches = [PeftTrainer.kwargs(batch) for batch in dynamic]
+    hf.step(hf_batches[0])  # Warm-up.
+    calls = {"fixed": calls["fixed"], "peft_dynamic": cycling(hf.step, hf_batches),
+             "buckets": calls["buckets"]}
+  timings = interleaved(calls, steps, 0)
+  padded = {"fixed": fixed, "peft_dynamic": dynamic, "buckets": bucketed}
+  out = dict(profile=name, median=PROFILES[name][0], p95=PROFILES[name][1], feature_length=n,
+             batch=b, batches=steps, prompt=m, targets=t,
+             real_input_tokens_per_example=float(buckets_lib.token_lengths(
+                 examples["encoder_input_tokens"]).mean()),
+             bucket_shapes=sorted({(int(x["encoder_input_tokens"].shape[1]),
+                                    int(x["decoder_target_tokens"].shape[1])) for x in bucketed}))
+  for mode in calls:
+    total = float(np.sum(timings[mode]["times_s"]))
+    out[mode] = dict(timings[mode], total_s=total, examples_per_s=steps * b / total,
+                     padded_input_tokens_per_example=float(np.mean(
+                         [x["encoder_input_tokens"].shape[1] for x in padded[mode]])))
+  out["buckets_vs_fixed"] = out["buckets"]["examples_per_s"] / out["fixed"]["examples_per_s"]
+  if with_peft:
+    out["buckets_vs_peft_dynamic"] = (out["buckets"]["examples_per_s"]
+                                      / out["peft_dynamic"]["examples_per_s"])
+  return out
+
+
+def rank_eval(setup: Setup, b: int, n: int, t: int, options: int) -> dict:
+  """Scoring `b` inputs with `options` label words each: one encoder pass per input (`score_options`)
+  against one full row per (input, label word) (`score_batch`), interleaved, on the same inputs."""
+  rng = np.random.RandomState(2)
+  high = min(setup.model.config.vocab_size, 32000)
+  inputs = rng.randint(2, high, (b, n)).astype(np.int32)
+  inputs[:, -1] = 1
+  words = np.zeros((options, t), np.int32)
+  for c in range(options):
+    length = min(2 + c % 3, t)
+    words[c, :length - 1], words[c, length - 1] = rng.randint(2, high, length - 1), 1
+  targets = np.tile(words, (b, 1))
+  shifted = np.concatenate([np.zeros((b * options, 1), np.int32), targets[:, :-1]], 1)
+  decoder = dict(decoder_target_tokens=targets, decoder_loss_weights=(targets > 0).astype(np.float32),
+                 decoder_input_tokens=shifted)
+  as_jax = lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}
+  rows = as_jax(dict(decoder, encoder_input_tokens=np.repeat(inputs, options, 0)))
+  grouped = as_jax(dict(decoder, encoder_input_tokens=inputs,
+                        encoder_row=np.repeat(np.arange(b, dtype=np.int32), options)))
+  score_rows, score_once = jax.jit(setup.model.score_batch), jax.jit(setup.model.score_options)
+  difference = float(np.abs(np.asarray(score_rows(setup.variables, rows))
+                            - np.asarray(score_once(setup.variables, grouped))).max())
+  timings = interleaved({"row_per_option": lambda: score_rows(setup.variables, rows).block_until_ready(),
+                         "encode_once": lambda: score_once(setup.variables, grouped).block_until_ready()},
+                        FLAGS.steps, FLAGS.warmup)
+  return dict(inputs=b, options=options, input_length=n, max_score_difference=difference,
+              row_per_option=dict(timings["row_per_option"],
+                                  examples_per_s=b / timings["row_per_option"]["median_s"]),
+              encode_once=dict(timings["encode_once"],
+                               examples_per_s=b / timings["encode_once"]["median_s"]),
+              speedup=1 / timings["paired_ratio"]["encode_once"])
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -585,6 +778,33 @@ def run_point(method: str, b: int, m: int, library_dir: str) -> dict:
             "per-round ratio)")
     else:
       say(f"serving comparison skipped: --batch={b} is not a multiple of the 8 tasks")
+
+  if FLAGS["length-profile"].value:
+    lp = length_profile(config, method, b, m, t, library_dir)
+    results["length_profile"] = lp
+    say(f"length profile '{lp['profile']}' (approximate lognormal: median {lp['median']}, p95 {lp['p95']} "
+        f"tokens; mean {lp['real_input_tokens_per_example']:.1f} real input tokens per example), "
+        f"{lp['batches']} batches of {b}, the same examples each way, interleaved:")
+    labels = {"fixed": f"fixed padding to {lp['feature_length']} (T5X)",
+              "peft_dynamic": "HF PEFT, dynamic padding to each batch's longest",
+              "buckets": f"ours, length buckets {lp['bucket_shapes']}"}
+    for mode, label in labels.items():
+      if mode in lp:
+        r = lp[mode]
+        say(f"  {label}: {r['examples_per_s']:.2f} examples/s ({r['total_s']:.1f} s in all; "
+            f"{r['padded_input_tokens_per_example']:.1f} padded input tokens per example)")
+    say(f"  buckets vs fixed padding: {lp['buckets_vs_fixed']:.2f}x examples/s" + (
+        f"; vs HF PEFT dynamic padding: {lp['buckets_vs_peft_dynamic']:.2f}x"
+        if "buckets_vs_peft_dynamic" in lp else f" (no HF PEFT counterpart for {method})"))
+
+  if FLAGS["rank-eval"].value:
+    rk = rank_eval(setup, b, n, t, FLAGS.options)
+    results["rank_eval"] = rk
+    say(f"rank classification, {b} inputs x {rk['options']} label words, inputs {n} tokens, interleaved:")
+    say(f"  row per option (score_batch on {b * rk['options']} rows): "
+        f"{rk['row_per_option']['examples_per_s']:.1f} inputs/s; one encoder pass per input "
+        f"(score_options): {rk['encode_once']['examples_per_s']:.1f} inputs/s; {rk['speedup']:.2f}x "
+        f"(median per-round ratio); largest score difference {rk['max_score_difference']:.2e}")
 
   if FLAGS["compare-peft"].value:
     if method not in PEFT_METHODS or not deltas:

@@ -4,15 +4,18 @@ An alternative to free generation for classification tasks: the model can only a
 and no decoding is needed. Two ways to use it:
 
 (a) SeqIO-native, as T5X evaluates with `score_fn`: the `<task>_rank` variants (validation / test only)
-    expand each example into one example per label word with `expand_choices`; T5X's evaluator scores
-    every row with the model's `score_batch`; `score_metric` groups the scores per original example,
+    expand each example into one example per label word with `expand_choices`; SeqIO's evaluator hands
+    every row to `score_fn` (T5X scores each row in full with `score_batch`; `training/evaluation.py`
+    groups the rows of one input and encodes it once: `option_batches.py`, `model.score_options`, same
+    scores); `score_metric` groups the scores per original example,
     takes the best label word and applies the task's usual metrics. Features added to each row:
       rank_example  int64  index of the original example (in eval order)
       rank_choice   int32  index of the label word
       rank_is_correct bool whether this label word is the gold target
 (b) A plain function `rank_classify(score_fn, inputs, label_words, ...)` that builds T5X model batches
     itself, for notebooks and custom loops; `score_fn(batch) -> [B]` log-likelihoods
-    (`functools.partial(model.score_batch, variables)`).
+    (`functools.partial(model.score_batch, variables)`), or `score_options_fn`
+    (`functools.partial(model.score_options, variables)`) to encode each input once.
 """
 
 from __future__ import annotations
@@ -193,19 +196,25 @@ def make_batch(inputs: Sequence[Sequence[int]], targets: Sequence[Sequence[int]]
   return batch
 
 
-def rank_classify(score_fn: ScoreFn, inputs: Sequence[Union[str, Sequence[int]]],
+def rank_classify(score_fn: Optional[ScoreFn], inputs: Sequence[Union[str, Sequence[int]]],
                   label_words: Sequence[Union[str, Sequence[int]]], *,
                   vocabulary: Optional[seqio.Vocabulary] = None,
                   task_ids: Optional[Union[int, Sequence[int]]] = None, batch_size: int = 32,
                   input_length: Optional[int] = None, target_length: Optional[int] = None,
-                  length_normalize: bool = False) -> RankClassification:
+                  length_normalize: bool = False,
+                  score_options_fn: Optional[ScoreFn] = None) -> RankClassification:
   """Scores every (input, label word) pair with `score_fn` and picks the best label word per input.
 
   Args:
     score_fn: `batch -> [B]` log-likelihood of each row's target, e.g.
       `functools.partial(model.score_batch, variables)`. Batches have the T5X features
       `encoder_input_tokens [B, n]`, `decoder_input_tokens [B, t]`, `decoder_target_tokens [B, t]`,
-      `decoder_loss_weights [B, t]` and, with `task_ids`, `task_ids [B]`.
+      `decoder_loss_weights [B, t]` and, with `task_ids`, `task_ids [B]`. May be None when
+      `score_options_fn` is given.
+    score_options_fn: instead of `score_fn`, one encoder pass per input:
+      `functools.partial(model.score_options, variables)`, called with `max(1, batch_size // C)` inputs
+      (`encoder_input_tokens [N, n]`, `task_ids [N]`) and their C label words each (`encoder_row [N*C]`,
+      `decoder_* [N*C, t]`). The scores are those of `score_fn`.
     inputs: N input texts (or token id lists, EOS included).
     label_words: C candidate targets (texts or token id lists).
     vocabulary: encodes texts (EOS appended); default `prompt_mix.data.vocabulary.get_vocabulary()`.
@@ -230,6 +239,24 @@ def rank_classify(score_fn: ScoreFn, inputs: Sequence[Union[str, Sequence[int]]]
   if task_ids is not None:
     task_ids = np.broadcast_to(np.asarray(task_ids, np.int32), [num_inputs])
 
+  if score_options_fn is not None:
+    scores = _score_options(score_options_fn, input_ids, label_ids, input_length, target_length, task_ids,
+                            batch_size)
+  elif score_fn is None:
+    raise ValueError("rank_classify needs score_fn or score_options_fn")
+  else:
+    scores = _score_rows(score_fn, input_ids, label_ids, input_length, target_length, task_ids, batch_size)
+  scores = scores.reshape([num_inputs, num_choices])
+  if length_normalize:
+    scores = scores / np.array([len(x) for x in label_ids], np.float64)[None, :]
+  return RankClassification(predictions=np.argmax(scores, axis=1) if num_inputs else np.zeros([0], int),
+                            scores=scores, label_words=tuple(label_words))
+
+
+def _score_rows(score_fn: ScoreFn, input_ids, label_ids, input_length: int, target_length: int,
+                task_ids: Optional[np.ndarray], batch_size: int) -> np.ndarray:
+  """[N * C] scores, one full row (input, label word) per pair."""
+  num_inputs, num_choices = len(input_ids), len(label_ids)
   pairs = [(i, c) for i in range(num_inputs) for c in range(num_choices)]
   scores = np.zeros([num_inputs * num_choices], np.float64)
   for start in range(0, len(pairs), batch_size):
@@ -242,9 +269,27 @@ def rank_classify(score_fn: ScoreFn, inputs: Sequence[Union[str, Sequence[int]]]
     if batch_scores.shape[0] != batch_size:
       raise ValueError(f"score_fn returned {batch_scores.shape[0]} scores for a batch of {batch_size}")
     scores[start:start + len(chunk)] = batch_scores[: len(chunk)]
-  scores = scores.reshape([num_inputs, num_choices])
-  if length_normalize:
-    scores = scores / np.array([len(x) for x in label_ids], np.float64)[None, :]
-  return RankClassification(predictions=np.argmax(scores, axis=1) if num_inputs else np.zeros([0], int),
-                            scores=scores, label_words=tuple(label_words))
+  return scores
+
+
+def _score_options(score_options_fn: ScoreFn, input_ids, label_ids, input_length: int, target_length: int,
+                   task_ids: Optional[np.ndarray], batch_size: int) -> np.ndarray:
+  """[N * C] scores, each input encoded once with its C label words decoded on it."""
+  num_inputs, num_choices = len(input_ids), len(label_ids)
+  per_call = max(1, batch_size // num_choices)
+  scores = np.zeros([num_inputs * num_choices], np.float64)
+  for start in range(0, num_inputs, per_call):
+    chunk = list(range(start, min(start + per_call, num_inputs)))
+    padded = chunk + [chunk[-1]] * (per_call - len(chunk))
+    targets = [label_ids[c] for _ in padded for c in range(num_choices)]
+    batch = make_batch([input_ids[i] for i in padded], targets, input_length, target_length,
+                       None if task_ids is None else task_ids[padded])
+    batch["encoder_row"] = np.repeat(np.arange(per_call, dtype=np.int32), num_choices)
+    batch_scores = np.asarray(score_options_fn(batch), np.float64).reshape([-1])
+    if batch_scores.shape[0] != per_call * num_choices:
+      raise ValueError(f"score_options_fn returned {batch_scores.shape[0]} scores for {per_call} inputs of "
+                       f"{num_choices} label words")
+    rows = len(chunk) * num_choices
+    scores[start * num_choices:start * num_choices + rows] = batch_scores[:rows]
+  return scores
 

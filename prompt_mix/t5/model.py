@@ -125,6 +125,37 @@ class EncoderDecoderModel:
       return scores, state.get(INTERMEDIATES, {})
     return scores
 
+  def score_options(self, variables: Variables, batch: Mapping[str, Array]) -> Array:
+    """`score_batch` of R option rows that share N inputs, with one encoder pass per input.
+
+    Rank classification scores every (input, label word) pair; the encoder (with the method's prompt,
+    ATTEMPT's instance prompt or per-task leaves) depends on the input only, so it runs once per input
+    and each option row is decoded on its input's encoder output.
+
+    Args:
+      batch: `encoder_input_tokens [N, n]`, optional `task_ids [N]` (of the inputs), and per option row
+        `encoder_row [R]` int (the input it belongs to), `decoder_input_tokens [R, t]`,
+        `decoder_target_tokens [R, t]`, optional `decoder_loss_weights [R, t]`.
+    Returns:
+      [R] log-likelihood of each row's target: what `score_batch` gives for the rows with their inputs
+      (and task ids) repeated.
+    """
+    params = _without_cache(variables)
+    task_ids = batch.get("task_ids")
+    encoded, encoder_mask = self.module.apply(params, batch["encoder_input_tokens"], task_ids,
+                                              method=network.Transformer.encode)
+    rows = jnp.asarray(batch["encoder_row"], jnp.int32)
+    take = lambda x: jnp.take(x, rows, axis=0)
+    logits = self.module.apply(
+        params, take(encoded), take(encoder_mask), batch["decoder_input_tokens"],
+        batch["decoder_target_tokens"], None if task_ids is None else take(task_ids),
+        method=network.Transformer.decode)
+    token_scores = losses.token_log_likelihoods(logits, batch["decoder_target_tokens"])
+    weights = batch.get("decoder_loss_weights")
+    if weights is None:
+      weights = batch["decoder_target_tokens"] > 0
+    return jnp.sum(token_scores * weights, axis=-1)
+
   # ---------------------------------------------------------------------------------------- predict
   def predict_batch(self, variables: Variables, batch: Mapping[str, Array], *,
                     decoder: str = "greedy", num_decodes: int = 4, alpha: float = 0.6,

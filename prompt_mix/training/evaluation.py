@@ -23,7 +23,9 @@ import numpy as np
 import seqio
 
 from prompt_mix import partitioning
+from prompt_mix.data import buckets as buckets_lib
 from prompt_mix.data import feature_converter as feature_converter_lib
+from prompt_mix.data import option_batches
 from prompt_mix.data import task_ids as task_ids_lib
 from prompt_mix.t5 import model as model_lib
 from prompt_mix.training import setup
@@ -36,12 +38,6 @@ def pad_batch(features: Mapping[str, np.ndarray], batch_size: int) -> dict:
   if n == batch_size:
     return dict(features)
   return {k: np.concatenate([v, np.repeat(v[-1:], batch_size - n, axis=0)]) for k, v in features.items()}
-
-
-def batches(ds, batch_size: int):
-  """Yields (indices [b], padded numpy features [batch_size, ...], b) from an enumerated dataset."""
-  for indices, features in ds.batch(batch_size).as_numpy_iterator():
-    yield indices, pad_batch(features, batch_size), len(indices)
 
 
 def per_example_intermediates(intermediates: Any, batch_size: int) -> dict[str, np.ndarray]:
@@ -84,6 +80,18 @@ class TaskMeans:
             for path, by_task in self._sums.items()}
 
 
+def materialize(ds) -> tuple[np.ndarray, dict]:
+  """An enumerated dataset of (index, features) -> (indices [N], features {name: [N, ...]})."""
+  indices, parts = [], {}
+  for index, features in ds.batch(1024).as_numpy_iterator():
+    indices.append(index)
+    for key, value in features.items():
+      parts.setdefault(key, []).append(value)
+  if not indices:
+    return np.zeros([0], np.int64), {}
+  return np.concatenate(indices), {k: np.concatenate(v) for k, v in parts.items()}
+
+
 class Evaluator:
   """SeqIO evaluation of a model's variables on a task or mixture.
 
@@ -93,22 +101,32 @@ class Evaluator:
     converter: the feature converter (it carries `task_ids`).
     task_feature_lengths: {'inputs': n, 'targets': t}.
     split: the evaluation split.
-    batch_size: examples per jitted call.
+    batch_size: examples per jitted call (option rows per call when scoring).
     log_dir: SeqIO writes per-task predictions and metrics under `<log_dir>/inference_eval`.
     decoder / num_decodes / alpha: generation settings of `predict_batch`.
     num_examples: cap on examples per task (None: all).
+    length_buckets: default the gin-configured `buckets.LengthBuckets()`; with buckets on, examples are
+      sorted by length and each batch is trimmed to its bucket (generation keeps the full target length
+      as its decoding length).
+    encode_once: score the rows that share an input (the label words of a rank-classification example)
+      with one encoder pass per input (`model.score_options`); False scores every row in full
+      (`score_batch`), as T5X does. The scores are the same.
   """
 
   def __init__(self, model: model_lib.EncoderDecoderModel, mixture_or_task_name: str,
                converter: seqio.FeatureConverter, task_feature_lengths: Mapping[str, int],
                split: str = "validation", batch_size: int = 32, log_dir: Optional[str] = None,
                decoder: str = "greedy", num_decodes: int = 4, alpha: float = 0.6,
-               num_examples: Optional[int] = None):
+               num_examples: Optional[int] = None,
+               length_buckets: Optional[buckets_lib.LengthBuckets] = None, encode_once: bool = True):
     self.model = model
     self._converter = converter
     self.batch_size = batch_size
     self.log_dir = log_dir
-    loggers = (seqio.PyLoggingLogger,) + ((seqio.JSONLogger,) if log_dir else ())
+    self.buckets = (length_buckets or buckets_lib.LengthBuckets()).resolve(task_feature_lengths)
+    buckets_lib.check_model(model, self.buckets)
+    self.encode_once = encode_once
+    loggers = (seqio.PyLoggingLogger, seqio.JSONLogger) if log_dir else ()  # SeqIO's need a log_dir.
     if log_dir:
       os.makedirs(os.path.join(log_dir, "inference_eval"), exist_ok=True)
     self._evaluator = seqio.Evaluator(
@@ -119,8 +137,66 @@ class Evaluator:
     self._predict = jax.jit(lambda v, b: model.predict_batch(
         v, b, decoder=decoder, num_decodes=num_decodes, alpha=alpha))
     self._score = jax.jit(model.score_batch)
+    self._score_options = jax.jit(model.score_options)
     # The last evaluation's per-task means of what the method sowed per example: {path: {task: mean}}.
     self.last_means: dict[str, dict[str, np.ndarray]] = {}
+
+  def _order(self, features: Mapping[str, np.ndarray]) -> np.ndarray:
+    n = len(next(iter(features.values()))) if features else 0
+    return buckets_lib.sort_by_length(features) if self.buckets and n else np.arange(n)
+
+  def predict_rows(self, variables: Mapping[str, Any], ds,
+                   sown: Optional["TaskMeans"] = None) -> list[tuple[int, list[int]]]:
+    """[(index, predicted tokens)] of an enumerated model dataset (SeqIO's `predict_fn`).
+
+    `sown` accumulates the per-task means of what the method sows per example, when given.
+    """
+    indices, features = materialize(ds)
+    order = self._order(features)
+    out = []
+    for start in range(0, len(order), self.batch_size):
+      chosen = order[start:start + self.batch_size]
+      n = len(chosen)
+      batch = buckets_lib.trim_batch({k: v[chosen] for k, v in features.items()}, self.buckets,
+                                     targets=False)
+      batch = pad_batch(batch, self.batch_size)
+      self.model.check_task_ids(batch)
+      tokens, aux = self._predict(variables, {k: jnp.asarray(v) for k, v in batch.items()})
+      tokens = np.asarray(tokens)[:n]
+      for i, row in zip(indices[chosen], tokens):
+        out.append((int(i), row.tolist()))  # Full rows (SeqIO stacks them; its decode stops at EOS).
+      if sown is None:
+        continue
+      task_ids = batch.get("task_ids", np.zeros(len(tokens), np.int32))[:n]
+      for path, values in per_example_intermediates(aux["intermediates"], self.batch_size).items():
+        sown.add(path, task_ids, values[:n])
+    return out
+
+  def score_rows(self, variables: Mapping[str, Any], ds) -> list[tuple[int, float]]:
+    """[(index, log-likelihood of the row's target)] of an enumerated model dataset (SeqIO's `score_fn`)."""
+    indices, features = materialize(ds)
+    if not len(indices):
+      return []
+    out = []
+    if not self.encode_once:
+      order = self._order(features)
+      for start in range(0, len(order), self.batch_size):
+        chosen = order[start:start + self.batch_size]
+        batch = buckets_lib.trim_batch({k: v[chosen] for k, v in features.items()}, self.buckets)
+        batch = pad_batch(batch, self.batch_size)
+        self.model.check_task_ids(batch)
+        scores = np.asarray(self._score(variables, {k: jnp.asarray(v) for k, v in batch.items()}))
+        out.extend((int(i), float(s)) for i, s in zip(indices[chosen], scores[:len(chosen)]))
+      return out
+    groups = option_batches.group_rows(features)
+    lengths = buckets_lib.token_lengths(features["encoder_input_tokens"]) if self.buckets else None
+    plan = option_batches.plan_calls(groups, self.batch_size, lengths)
+    for call in plan.calls:
+      batch, rows = option_batches.call_batch(features, call, plan, self.buckets)
+      self.model.check_task_ids(batch)
+      scores = np.asarray(self._score_options(variables, {k: jnp.asarray(v) for k, v in batch.items()}))
+      out.extend((int(i), float(s)) for i, s in zip(indices[rows], scores[:len(rows)]))
+    return out
 
   def evaluate(self, variables: Mapping[str, Any], step: int) -> dict[str, float]:
     """Runs the evaluation; returns {'<task>/<metric>': value} and the method's evaluation scalars."""
@@ -128,26 +204,11 @@ class Evaluator:
 
     def predict_fn(ds, model_feature_shapes=None):
       del model_feature_shapes
-      out = []
-      for indices, features, n in batches(ds, self.batch_size):
-        self.model.check_task_ids(features)
-        tokens, aux = self._predict(variables, {k: jnp.asarray(v) for k, v in features.items()})
-        tokens = np.asarray(tokens)[:n]
-        for i, row in zip(indices, tokens):
-          out.append((int(i), row.tolist()))  # Full rows (SeqIO stacks them; its decode stops at EOS).
-        task_ids = features.get("task_ids", np.zeros(len(tokens), np.int32))[:n]
-        for path, values in per_example_intermediates(aux["intermediates"], self.batch_size).items():
-          sown.add(path, task_ids, values[:n])
-      return out
+      return self.predict_rows(variables, ds, sown)
 
     def score_fn(ds, model_feature_shapes=None):
       del model_feature_shapes
-      out = []
-      for indices, features, n in batches(ds, self.batch_size):
-        self.model.check_task_ids(features)
-        scores = np.asarray(self._score(variables, {k: jnp.asarray(v) for k, v in features.items()}))
-        out.extend((int(i), float(s)) for i, s in zip(indices, scores[:n]))
-      return out
+      return self.score_rows(variables, ds)
 
     all_metrics, _ = self._evaluator.evaluate(compute_metrics=True, step=step, predict_fn=predict_fn,
                                               score_fn=score_fn)
@@ -188,12 +249,14 @@ def evaluate(model_dir: str = gin.REQUIRED,
              alpha: float = 0.6,
              num_partitions: int = 1,
              task_names: Optional[Sequence[str]] = None,
-             output_dir: Optional[str] = None) -> dict:
+             output_dir: Optional[str] = None,
+             encode_once: bool = True) -> dict:
   """Evaluates the run in `model_dir`; returns {'<task>/<metric>': value}.
 
   Args:
     checkpoint_step: None (latest), a step number, or 'best'.
     decoder / num_decodes / alpha: 'greedy' or 'beam' generation (T5X length penalty alpha).
+    encode_once: one encoder pass per input when scoring rank-classification rows (`Evaluator`).
     output_dir: defaults to `<model_dir>/eval`.
   """
   seqio.get_mixture_or_task(mixture_or_task_name)  # A one-line error naming an unknown task.
@@ -207,8 +270,8 @@ def evaluate(model_dir: str = gin.REQUIRED,
   task_names = setup.resolve_task_names(model, mixture_or_task_name, task_names)
   converter = feature_converter_lib.TaskIdEncDecFeatureConverter(task_names=task_names)
   evaluator = Evaluator(model, mixture_or_task_name, converter, task_feature_lengths,
-                                   split=split, batch_size=batch_size, log_dir=output_dir,
-                                   decoder=decoder, num_decodes=num_decodes, alpha=alpha)
+                        split=split, batch_size=batch_size, log_dir=output_dir, decoder=decoder,
+                        num_decodes=num_decodes, alpha=alpha, encode_once=encode_once)
   metrics = evaluator.evaluate(variables, step)
   logging.info("Metrics of step %d written to %s", step, output_dir)
   print(json.dumps({"step": step, **metrics}, indent=2))

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from prompt_mix import atomic
 from prompt_mix import partitioning
+from prompt_mix.data import buckets as buckets_lib
 from prompt_mix.data import feature_converter as feature_converter_lib
 from prompt_mix.data import task_ids as task_ids_lib
 from prompt_mix.t5 import model as model_lib
@@ -62,13 +63,20 @@ def infer(model_dir: str = gin.REQUIRED,
           max_examples_per_task: Optional[int] = None,
           num_partitions: int = 1,
           task_names: Optional[Sequence[str]] = None,
-          output_file: Optional[str] = None) -> str:
+          output_file: Optional[str] = None,
+          length_buckets: Optional[buckets_lib.LengthBuckets] = None) -> str:
   """Writes predictions of the run in `model_dir`; returns the JSONL path.
 
   Args:
     output_file: defaults to `<model_dir>/infer/<mixture_or_task_name>-<split>-<step>.jsonl`.
+    length_buckets: default the gin-configured `buckets.LengthBuckets()`. With buckets on, each window
+      of `window_batches` batches is predicted shortest input first, each batch's inputs padded to their
+      bucket only; lines are written in the examples' order either way.
   """
   mixture = seqio.get_mixture_or_task(mixture_or_task_name)
+  length_buckets = length_buckets or buckets_lib.LengthBuckets()
+  buckets = length_buckets.resolve(task_feature_lengths)
+  buckets_lib.check_model(model, buckets)
   mesh = partitioning.make_mesh(num_partitions)
   shapes = feature_converter_lib.model_input_shapes(task_feature_lengths, batch_size)
   variables, step = setup.restore_trained(model, model_dir, initial_checkpoint_path,
@@ -87,25 +95,36 @@ def infer(model_dir: str = gin.REQUIRED,
 
   output_file = output_file or os.path.join(model_dir, "infer",
                                             f"{mixture_or_task_name}-{split}-{step}.jsonl")
+  window = batch_size * length_buckets.window_batches if buckets else batch_size
   count = 0
   with atomic.atomic_file(output_file) as tmp, open(tmp, "w") as f:
-    feature_batches = features.batch(batch_size).as_numpy_iterator()
-    for batch, text in zip(feature_batches, texts.batch(batch_size).as_numpy_iterator()):
-      n = len(text["task_id"])
-      padded = evaluation.pad_batch(batch, batch_size)
-      model.check_task_ids(padded)
-      tokens, aux = predict(variables, {k: jnp.asarray(v) for k, v in padded.items()})
-      tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
-      sown = evaluation.per_example_intermediates(aux["intermediates"], batch_size)
-      for b in range(n):
-        task_id = int(text["task_id"][b])
-        row = {"task": task_ids_lib.task_name(task_id),
-               "inputs": text["inputs"][b].decode(), "targets": text["targets"][b].decode(),
-               "prediction": vocabulary.decode(tokens[b].tolist()),
-               "score": float(scores[b])}
-        for path, values in sown.items():  # What the method sowed per example, by its name.
-          row[path.rsplit("/", 1)[-1]] = values[b].tolist()
-        f.write(json.dumps(row) + "\n")
+    windows = tf.data.Dataset.zip((features, texts)).batch(window).as_numpy_iterator()
+    for window_features, text in windows:
+      # With buckets, each window is predicted shortest first and written back in its own order.
+      order = (buckets_lib.sort_by_length(window_features) if buckets
+               else np.arange(len(text["task_id"])))
+      rows: dict[int, dict] = {}
+      for start in range(0, len(order), batch_size):
+        chosen = order[start:start + batch_size]
+        n = len(chosen)
+        batch = buckets_lib.trim_batch({k: v[chosen] for k, v in window_features.items()}, buckets,
+                                       targets=False)  # The full target length is the decoding length.
+        padded = evaluation.pad_batch(batch, batch_size)
+        model.check_task_ids(padded)
+        tokens, aux = predict(variables, {k: jnp.asarray(v) for k, v in padded.items()})
+        tokens, scores = np.asarray(tokens)[:n], np.asarray(aux["scores"])[:n]
+        sown = evaluation.per_example_intermediates(aux["intermediates"], batch_size)
+        for j, b in enumerate(chosen):
+          task_id = int(text["task_id"][b])
+          row = {"task": task_ids_lib.task_name(task_id),
+                 "inputs": text["inputs"][b].decode(), "targets": text["targets"][b].decode(),
+                 "prediction": vocabulary.decode(tokens[j].tolist()),
+                 "score": float(scores[j])}
+          for path, values in sown.items():  # What the method sowed per example, by its name.
+            row[path.rsplit("/", 1)[-1]] = values[j].tolist()
+          rows[int(b)] = row
+      for b in range(len(order)):
+        f.write(json.dumps(rows[b]) + "\n")
         count += 1
   logging.info("Wrote %d predictions of step %d to %s", count, step, output_file)
   print(output_file)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from absl import logging
 import gin
@@ -23,6 +23,7 @@ import seqio
 
 from prompt_mix import gin_utils
 from prompt_mix import partitioning
+from prompt_mix.data import buckets as buckets_lib
 from prompt_mix.data import feature_converter as feature_converter_lib
 from prompt_mix.peft import report as report_lib
 from prompt_mix.t5 import model as model_lib
@@ -39,19 +40,40 @@ class NonFiniteLossError(FloatingPointError):
 
 def train_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
                   converter: seqio.FeatureConverter, seed: int, skip_batches: int = 0,
-                  split: str = "train"):
-  """An endless iterator of numpy model batches for this host, starting after `skip_batches`."""
-  shard = partitioning.host_shard_info()
+                  split: str = "train", shard: Optional[seqio.ShardInfo] = None,
+                  length_buckets: Optional[buckets_lib.LengthBuckets] = None,
+                  agree: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+  """An endless iterator of numpy model batches for this host, starting after `skip_batches`.
+
+  Deterministic for a given seed, so skipping the batches already trained on resumes the stream exactly.
+  With length buckets (`length_buckets`, default the gin-configured `LengthBuckets()`), examples are
+  grouped by length within windows and each batch is padded to its bucket (`prompt_mix.data.buckets`);
+  all hosts agree on each batch's lengths through `agree` (default: the maximum over processes).
+
+  Args:
+    shard: this host's shard of the data (default `partitioning.host_shard_info()`).
+  """
+  shard = shard or partitioning.host_shard_info()
   if batch_size % shard.num_shards:
     raise ValueError(f"BATCH_SIZE {batch_size} is not divisible by the {shard.num_shards} hosts")
+  local_batch = batch_size // shard.num_shards
+  length_buckets = length_buckets or buckets_lib.LengthBuckets()
+  buckets = length_buckets.resolve(task_feature_lengths)
   task = seqio.get_mixture_or_task(mixture_or_task_name)
   ds = task.get_dataset(sequence_length=dict(task_feature_lengths), split=split, shuffle=True,
                         seed=seed, num_epochs=None, shard_info=shard, use_cached=False)
   ds = converter(ds, dict(task_feature_lengths))
-  ds = ds.batch(batch_size // shard.num_shards, drop_remainder=True)
+  if buckets is None:
+    ds = ds.batch(local_batch, drop_remainder=True)
+  else:
+    ds = buckets_lib.group_by_length(ds, local_batch, length_buckets.window_batches, seed)
   if skip_batches:
     ds = ds.skip(skip_batches)
-  return ds.prefetch(2).as_numpy_iterator()
+  batches = ds.prefetch(2).as_numpy_iterator()
+  if buckets is None:
+    return batches
+  logging.info("Length buckets: inputs %s, targets %s", list(buckets.inputs), list(buckets.targets))
+  return buckets_lib.BucketedBatches(batches, buckets, agree)
 
 
 def _batch_shardings(mesh, batch: Mapping[str, np.ndarray]):
@@ -146,8 +168,9 @@ def train(model_dir: str = gin.REQUIRED,
         model, eval_mixture_or_task_name or mixture_or_task_name, converter, task_feature_lengths,
         split=eval_split, batch_size=eval_batch_size or batch_size, log_dir=model_dir)
   writer = _metric_writer(model_dir)
+  buckets_lib.check_model(model, buckets_lib.LengthBuckets().resolve(task_feature_lengths), training=True)
   data = train_dataset(mixture_or_task_name, task_feature_lengths, batch_size, converter, seed, skip)
-  tokens_per_batch = batch_size * (task_feature_lengths["inputs"] + task_feature_lengths["targets"])
+  tokens, tick_tokens = 0, 0  # Padded tokens of the global batches so far (buckets vary the length).
 
   metrics: dict[str, Any] = {}
   tick, tick_step = time.time(), start_step
@@ -156,6 +179,8 @@ def train(model_dir: str = gin.REQUIRED,
   for step in range(start_step + 1, end_step + 1):
     batch = next(data)
     model.check_task_ids(batch)
+    tokens += jax.process_count() * (batch["encoder_input_tokens"].size
+                                     + batch["decoder_target_tokens"].size)
     if jitted is None:
       batch_sharding = _batch_shardings(mesh, batch)
       jitted = jax.jit(step_fn, in_shardings=(run.trainable_shardings, opt_shardings,
@@ -178,8 +203,9 @@ def train(model_dir: str = gin.REQUIRED,
             "learning rate or enable clipping (make_optimizer.clip_grad_norm).")
       now = time.time()
       steps_per_sec = (step - tick_step) / max(now - tick, 1e-9)
+      tokens_per_sec = (tokens - tick_tokens) / max(now - tick, 1e-9)
       scalars = {"loss": loss_value, "z_loss": float(aux["z_loss"]), "grad_norm": grad_norm,
-                 "steps_per_sec": steps_per_sec, "tokens_per_sec": steps_per_sec * tokens_per_batch,
+                 "steps_per_sec": steps_per_sec, "tokens_per_sec": tokens_per_sec,
                  **_learning_rate_scalars(tx, step)}
       writer.write_scalars(step, scalars)
       logging.info("step %d/%d loss %.4f | %.2f steps/s, %.0f tokens/s, ETA %.0fs", step, train_steps,
@@ -188,7 +214,7 @@ def train(model_dir: str = gin.REQUIRED,
       metrics.update(scalars)
       if step == start_step + 1:
         metrics["first_loss"] = loss_value  # This run's first step: how far the loss fell.
-      tick, tick_step = now, step
+      tick, tick_step, tick_tokens = now, step, tokens
 
     eval_metrics = None
     if evaluator is not None and (step % eval_period == 0 or step == train_steps):
