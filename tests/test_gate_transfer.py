@@ -1,6 +1,8 @@
 """Gate transfer (`Attempt.gate_init`): a target run starts from a gate G pre-trained elsewhere (e.g. on
 the source tasks), read at initialization from an export's per-leaf `.npy` layout or the original release."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 
 from prompt_mix.attempt import library as library_lib
 from prompt_mix.peft import attempt as attempt_lib
+from prompt_mix.peft import attempt_gate
 
 import method_checks
 
@@ -123,3 +126,35 @@ def test_release_gate_files_initialize_the_gate(library, tmp_path):
   loaded = _gate(method_checks.init(model, method_checks.make_batch())["peft"])
   np.testing.assert_array_equal(loaded["w_down"], gate["w_down"])
   np.testing.assert_array_equal(loaded["w_up"], gate["w_up"])
+
+
+def test_frozen_gate_layer_norm_is_the_original_codes_switch(tmp_path):
+  """train_gate_layer_norm=False: only W_down and W_up train (the original code); the LayerNorm sits in the
+  frozen `attempt_frozen` collection at its initial values, or at the ones gate_init loads."""
+  mc = method_checks
+  library = library_lib.PromptLibrary(tmp_path / "library")
+  rng = np.random.RandomState(0)
+  for name in ("a", "b"):
+    library.add(name, rng.uniform(-0.5, 0.5, (3, 8)).astype(np.float32))
+  delta = attempt_lib.Attempt(library_path=str(library.path), source_names=("a", "b"), target_init="uniform",
+                              prompt_length=3, bottleneck=2, train_gate_layer_norm=False)
+  variables, trained = mc.check_step_trains_only_method((delta,))
+  gate = variables["peft"]["encoder"]["attempt"]["attention_gate"]
+  assert sorted(gate) == ["w_down", "w_up"]
+  frozen = variables[attempt_lib.FROZEN_GATE_COLLECTION]["encoder"]["attempt"]["attention_gate"]
+  np.testing.assert_array_equal(frozen["layer_norm_scale"], np.ones(8))
+  np.testing.assert_array_equal(frozen["layer_norm_bias"], np.zeros(8))
+  d = 8
+  assert sum(x.size for x in jax.tree_util.tree_leaves(variables["peft"])) == (
+      3 * d + attempt_gate.gate_param_count(d, 2, train_layer_norm=False))
+  # gate_init loads a release's LayerNorm into the frozen collection.
+  for leaf, shape in (("w_down", (d, 2)), ("w_up", (2, d)), ("layer_norm_scale", (d,)),
+                      ("layer_norm_bias", (d,))):
+    np.save(tmp_path / f"{leaf}.npy", rng.randn(*shape).astype(np.float32))
+  loaded = mc.init(mc.make_model((dataclasses.replace(delta, gate_init=str(tmp_path)),)), mc.make_batch())
+  frozen = loaded[attempt_lib.FROZEN_GATE_COLLECTION]["encoder"]["attempt"]["attention_gate"]
+  np.testing.assert_array_equal(frozen["layer_norm_scale"], np.load(tmp_path / "layer_norm_scale.npy"))
+  np.testing.assert_array_equal(loaded["peft"]["encoder"]["attempt"]["attention_gate"]["w_up"],
+                                np.load(tmp_path / "w_up.npy"))
+  with pytest.raises(KeyError, match="frozen with train_gate_layer_norm=False"):
+    attempt_lib.load_gate(variables["peft"], tmp_path, require_layer_norm=True)

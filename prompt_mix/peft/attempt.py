@@ -69,6 +69,7 @@ SOURCE_AXES = ("sources", "prompt", "prompt_embed")
 TARGET = "target_prompt"  # The trainable target prompt(s) in `peft`.
 GATE_NAME = gate_lib.GATE_NAME  # The gate's subtree in `peft`.
 ATTENTION_WEIGHTS = "attention_weights"  # Sown into `intermediates`.
+FROZEN_GATE_COLLECTION = "attempt_frozen"  # G's LayerNorm when `train_gate_layer_norm=False`.
 TARGET_CANDIDATE = "target"  # The target's name among the candidates (last).
 UNIFORM = "uniform"
 
@@ -101,6 +102,9 @@ class Attempt(plugins.Delta):
       source tasks; or the original release's `attn_W_down.pt`, `attn_W_up.pt`). W_down and W_up are
       required, the LayerNorm is taken when present. Read whenever the model is initialized; a restored
       checkpoint's gate replaces it.
+    train_gate_layer_norm: True (the paper: G's LayerNorm is among the trained parameters, 2rd + 2d) or
+      False (the original code: only W_down and W_up train; the LayerNorm keeps its initial values, or
+      those `gate_init` loads, in the frozen `attempt_frozen` collection).
   """
 
   library_path: Optional[str] = None
@@ -117,6 +121,7 @@ class Attempt(plugins.Delta):
   unmasked_pooling: bool = False
   gate_init_std: float = 0.01
   gate_init: Optional[str] = None
+  train_gate_layer_norm: bool = True
 
   def __post_init__(self):
     names = selection.as_tuple(self.source_names, "Attempt.source_names") or ()
@@ -272,7 +277,9 @@ class AttemptPrompt(nn.Module):
       weights = jnp.full((batch, num_candidates), 1.0 / num_candidates, jnp.float32)
     else:
       x = gate_lib.pool_input(embedded, mask, cfg.unmasked_pooling)  # [B, d]
-      gate = gate_lib.AttentionGate(cfg.bottleneck, cfg.gate_init_std, name=GATE_NAME)
+      gate = gate_lib.AttentionGate(cfg.bottleneck, cfg.gate_init_std,
+                                    layer_norm_collection=tasks.PEFT if cfg.train_gate_layer_norm
+                                    else FROZEN_GATE_COLLECTION, name=GATE_NAME)
       fresh_gate = GATE_NAME not in self.variables.get(tasks.PEFT, {})
       z = gate(x)  # [B, d]
       if cfg.gate_init is not None and fresh_gate and self.is_mutable_collection(tasks.PEFT):
@@ -428,8 +435,12 @@ def load_gate(peft: Mapping[str, Any], source: Union[str, os.PathLike, Mapping[s
     raise ValueError(f"gate source {source if not isinstance(source, Mapping) else where} lacks {missing}")
   node = _gate_node(peft)
   for leaf, (array, where) in found.items():
+    if leaf not in node and leaf.startswith("layer_norm") and not require_layer_norm:
+      continue  # A frozen LayerNorm (train_gate_layer_norm=False) is not in peft: Attempt.gate_init loads it.
     if leaf not in node:
-      raise KeyError(f"peft encoder/{MODULE_NAME}/{GATE_NAME} has no leaf {leaf!r}")
+      raise KeyError(f"peft encoder/{MODULE_NAME}/{GATE_NAME} has no leaf {leaf!r}" + (
+          " (G's LayerNorm is frozen with train_gate_layer_norm=False: load it at initialization with "
+          "Attempt.gate_init)" if leaf.startswith("layer_norm") else ""))
     peft = _with_leaf(peft, ("encoder", MODULE_NAME, GATE_NAME, leaf),
                       _replace_leaf(node[leaf], np.asarray(array, np.float32), where))
   return peft
@@ -442,8 +453,9 @@ def _initialize_gate(gate: nn.Module, source: str) -> None:
   if missing:
     raise ValueError(f"Attempt.gate_init={source!r} lacks {missing} (found {sorted(found)})")
   for leaf, (array, where) in found.items():
-    old = gate.get_variable(tasks.PEFT, leaf)
-    gate.put_variable(tasks.PEFT, leaf, _replace_leaf(old, np.asarray(array, np.float32), where))
+    collection = tasks.PEFT if leaf.startswith("w_") else gate.layer_norm_collection
+    old = gate.get_variable(collection, leaf)
+    gate.put_variable(collection, leaf, _replace_leaf(old, np.asarray(array, np.float32), where))
 
 
 def load_target(peft: Mapping[str, Any], source: Union[str, os.PathLike, np.ndarray],

@@ -65,22 +65,26 @@ def attention(scores: Array, temperature: float, axis: int = -1) -> Array:
 class AttentionGate(nn.Module):
   """G: projects the pooled input into prompt space, z = LayerNorm(W_up SiLU(W_down x)).
 
-  Leaves (all in `peft`, under this module's scope `.../attention_gate/`):
-    w_down            [d, r]  ('prompt_embed', None)
-    w_up              [r, d]  (None, 'prompt_embed')
-    layer_norm_scale  [d]     ('prompt_embed',)   initialized to ones
-    layer_norm_bias   [d]     ('prompt_embed',)   initialized to zeros
+  Leaves (under this module's scope `.../attention_gate/`):
+    w_down            [d, r]  ('prompt_embed', None)   in `peft`
+    w_up              [r, d]  (None, 'prompt_embed')   in `peft`
+    layer_norm_scale  [d]     ('prompt_embed',)        initialized to ones, in `layer_norm_collection`
+    layer_norm_bias   [d]     ('prompt_embed',)        initialized to zeros, likewise
 
   Attributes:
     bottleneck: r (100 in the paper).
     init_std: W_down and W_up start as N(0, init_std^2) (the original initializes its linear layers with
       std 0.01).
     epsilon: the LayerNorm epsilon (PyTorch's default 1e-5).
+    layer_norm_collection: `peft` (trained: the paper counts the LayerNorm in G's parameters) or a frozen
+      collection (the original code trains only W_down and W_up: its LayerNorm keeps its initial or
+      loaded values).
   """
 
   bottleneck: int = 100
   init_std: float = 0.01
   epsilon: float = 1e-5
+  layer_norm_collection: str = tasks.PEFT
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -91,17 +95,17 @@ class AttentionGate(nn.Module):
     normal = lambda rng, shape: self.init_std * jax.random.normal(rng, shape, jnp.float32)
     w_down = tasks.peft_param(self, "w_down", normal, (d, r), ("prompt_embed", None))
     w_up = tasks.peft_param(self, "w_up", normal, (r, d), (None, "prompt_embed"))
-    scale = tasks.peft_param(self, "layer_norm_scale", lambda _, s: jnp.ones(s, jnp.float32), (d,),
-                             ("prompt_embed",))
-    bias = tasks.peft_param(self, "layer_norm_bias", lambda _, s: jnp.zeros(s, jnp.float32), (d,),
-                            ("prompt_embed",))
+    scale = tasks.peft_param(self, "layer_norm_scale", torch_compat.ones, (d,), ("prompt_embed",),
+                             collection=self.layer_norm_collection)
+    bias = tasks.peft_param(self, "layer_norm_bias", torch_compat.zeros, (d,), ("prompt_embed",),
+                            collection=self.layer_norm_collection)
     h = nn.silu(jnp.asarray(x, jnp.float32) @ w_down)
     return torch_compat.layer_norm(h @ w_up, scale, bias, self.epsilon)
 
 
-def gate_param_count(d: int, r: int) -> int:
-  """Trainable values of G: W_down + W_up + LayerNorm scale and bias = 2rd + 2d."""
-  return 2 * r * d + 2 * d
+def gate_param_count(d: int, r: int, train_layer_norm: bool = True) -> int:
+  """Trainable values of G: W_down + W_up (+ LayerNorm scale and bias) = 2rd (+ 2d)."""
+  return 2 * r * d + (2 * d if train_layer_norm else 0)
 
 
 def validate_temperature(temperature: Optional[float], what: str) -> None:
