@@ -14,14 +14,14 @@ The leading comment block documents the method:
 ```
 # <one-line summary: name (reference): what it does>           <- summary(name)
 # Acts at: <where in the backbone it acts>                      <- header(name)['acts at']
-# Docs: docs/methods.md#lora                                    <- header(name)['docs']
-# Variant of: attempt          (or)  Ablation of: aprompt       <- base(name)
+# Docs: docs/<file>.md#<section>                                <- header(name)['docs']
+# Variant of: <method>     (or)  Ablation of: <method>          <- base(name)
 #
 # Free text ...
 ```
 
-A variant is another way to use a method (e.g. ATTEMPT-m, ATTEMPT's bank of per-task prompts); an
-ablation is a piece of a paper's ablation study. Both take their base method's "Acts at" and "Docs"
+A variant is another way to use a method (e.g. a bank of per-task prompts trained on mixed-task
+batches); an ablation is a piece of a paper's ablation study. Both take their base method's "Acts at" and "Docs"
 unless they state their own (`field`).
 
 Standard macros
@@ -156,7 +156,7 @@ def ablations(name: str) -> tuple[str, ...]:
 
 
 def title(name: str) -> str:
-  """The summary up to its first ': ' (e.g. 'LoRA (Hu et al., 2021)'), or the whole summary."""
+  """The summary up to its first ': ' (e.g. 'Prompt tuning (Lester et al., 2021)'), or the whole summary."""
   return summary(name).split(": ", 1)[0]
 
 
