@@ -63,16 +63,16 @@ when `row_pruning=False`. `counter.batch` is B, `counter.config` the `T5Config`,
 a backward pass is counted; the site's geometry (`d_model`, `num_heads`, `head_dim`, `in_features`,
 `out_features`) and `site.where` (a readable path for term names) come with the site.
 
-| hook               | declaration                                        | returns                                    |
-|--------------------|----------------------------------------------------|--------------------------------------------|
-| `stack_state`      | `flops(counter, site)`                             | None (its matmuls, once per stack and step) |
-| `input_rows`       | `flops(counter, site, tokens)`                     | (rows prepended, how many of them depend)  |
-| `hidden_rows`      | `flops(counter, site, rows, dep)`                  | the layer input's dependent rows after it  |
-| `attention_kv`     | `flops(counter, site, tq, tk)`                     | the number of extra keys (they depend)     |
-| `attention_logits` | `flops(counter, site, tq, tk)`                     | True when the term is trainable            |
-| `projection_input` | `flops(counter, site, rows, dep)`                  | the new input's dependent rows             |
-| `projection`       | `flops(counter, site, rows, dep_x, dep_y)`         | the new output's dependent rows            |
-| `sublayer`         | `flops(counter, site, rows, dep_x, dep_normed, dep_y)` | the new output's dependent rows        |
+| hook               | declaration                                  | returns                                 |
+|--------------------|----------------------------------------------|-----------------------------------------|
+| `stack_state`      | `(counter, site)`                            | None (matmuls once per stack and step)  |
+| `input_rows`       | `(counter, site, tokens)`                    | (rows prepended, how many depend)       |
+| `hidden_rows`      | `(counter, site, rows, dep)`                 | the layer input's dependent rows        |
+| `attention_kv`     | `(counter, site, tq, tk)`                    | the number of extra keys (they depend)  |
+| `attention_logits` | `(counter, site, tq, tk)`                    | True when the term is trainable         |
+| `projection_input` | `(counter, site, rows, dep)`                 | the new input's dependent rows          |
+| `projection`       | `(counter, site, rows, dep_x, dep_y)`        | the new output's dependent rows         |
+| `sublayer`         | `(counter, site, rows, dep_x, dep_normed, dep_y)` | the new output's dependent rows    |
 
 The arguments mirror the module call: `tokens` are the stack's token positions (0 for the decoder's
 prefill), `tq`/`tk` the attention's query and sequence-key counts, `dep_x`/`dep_y` the dependent rows of

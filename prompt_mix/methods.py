@@ -262,21 +262,25 @@ def _scope(macro: str) -> str:
   return "registry_" + macro.lower()
 
 
-class _NoPathNotFound(logging.Filter):
-  """Drops gin's 'Path not found' errors: it logs one for each search path a file is not under."""
+class _Quiet(logging.Filter):
+  """Drops gin's search-path messages (an error per search path a file is not under) and config dumps."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Path not found")
+    return not str(record.msg).startswith(("Path not found", "system_path_file_exists", "Gin configuration"))
 
 
 @contextlib.contextmanager
 def _quiet_gin_search():
-  quiet = _NoPathNotFound()
-  logging.getLogger().addFilter(quiet)
+  """Without gin's search-path errors and `parse_gin_flags`' dump of the whole configuration."""
+  quiet = _Quiet()
+  loggers = (logging.getLogger(), logging.getLogger("absl"))
+  for logger in loggers:
+    logger.addFilter(quiet)
   try:
     yield
   finally:
-    logging.getLogger().removeFilter(quiet)
+    for logger in loggers:
+      logger.removeFilter(quiet)
 
 
 def _parse(name: str, bindings: Sequence[str], model: Optional[str], evaluate: Sequence[str],

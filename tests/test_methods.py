@@ -155,12 +155,14 @@ def test_readme_methods_table_is_generated_from_the_registry():
   assert 0 <= begin < end, "README.md lacks the methods table markers"
   table = readme[begin + len(methods.TABLE_BEGIN):end].strip()
   missing = [n for n in methods.names() if f"`{n}`" not in table]
-  assert not missing, f"README's methods table lacks {missing}: run python tools/param_table.py --readme=README.md"
-  assert table == methods.markdown_table(), "README's methods table is stale: run python tools/param_table.py --readme=README.md"
+  regenerate = "run python tools/param_table.py --readme=README.md"
+  assert not missing, f"README's methods table lacks {missing}: {regenerate}"
+  assert table == methods.markdown_table(), f"README's methods table is stale: {regenerate}"
 
 
 def test_docs_parameter_table_has_a_row_per_method():
   text = (ROOT / "docs" / "methods.md").read_text()
   table = text[text.index("<!-- param_table:begin -->"):text.index("<!-- param_table:end -->")]
   missing = [n for n in methods.names() if f"`methods/{n}.gin`" not in table]
-  assert not missing, f"docs/methods.md's table lacks {missing}: run python tools/param_table.py --update=docs/methods.md"
+  assert not missing, (f"docs/methods.md's table lacks {missing}: run python tools/param_table.py "
+                       "--update=docs/methods.md")
