@@ -314,12 +314,12 @@ def library_bindings(name: str, bindings: Sequence[str] = (), *, d_model: int,
                      directory: str | os.PathLike, model: Optional[str] = None) -> list[str]:
   """Bindings that let method `name` build without a user's prompt library.
 
-  When the method's gin file binds `PROMPT_LIBRARY` and `bindings` do not, writes a scratch library of
-  random prompts into `directory` (the prompts that `SOURCE_PROMPTS` and `TARGET_INIT` name, of shape
-  [`PROMPT_LENGTH`, d_model], after `bindings`) and returns `["PROMPT_LIBRARY = '<directory>'"]`;
-  otherwise `[]`. The caller owns `directory` (it must outlive the model). Resets gin's global config.
+  When the method's gin file leaves `PROMPT_LIBRARY` required and `bindings` do not bind it, writes a
+  scratch library of random prompts into `directory` (the prompts that `SOURCE_PROMPTS` and
+  `TARGET_INIT` name, of shape [`PROMPT_LENGTH`, d_model], after `bindings`) and returns
+  `["PROMPT_LIBRARY = '<directory>'"]`; otherwise `[]`. The caller owns `directory` (it must outlive the model). Resets gin's global config.
   """
-  if LIBRARY_MACRO not in macros(name) or _binds(bindings, LIBRARY_MACRO):
+  if LIBRARY_MACRO not in required_macros(name) or _binds(bindings, LIBRARY_MACRO):
     return []
   directory = os.fspath(directory)
   binding = f"{LIBRARY_MACRO} = {directory!r}"
@@ -360,7 +360,7 @@ def deltas(name: str, bindings: Sequence[str] = (), *, model: Optional[str] = No
     gin_utils.GinConfigError (MissingMacroError for a required macro left unbound), ValueError.
   """
   bindings = list(bindings)
-  if LIBRARY_MACRO in macros(name) and not _binds(bindings, LIBRARY_MACRO):
+  if LIBRARY_MACRO in required_macros(name) and not _binds(bindings, LIBRARY_MACRO):
     if scratch_dir is None or d_model is None:
       raise ValueError(f"method {name!r} reads a prompt library: bind {LIBRARY_MACRO} in `bindings`, or "
                        "pass scratch_dir and d_model to write a scratch library of random prompts")
