@@ -7,13 +7,12 @@ Counting rules
 --------------
 1. **Matmuls only.** Every matrix multiply is listed with its shape: the backbone's projections
    (`query, key, value, out`, `wi`/`wi_0, wi_1`, `wo`), the attention scores `Q K^T` and mixing `P V`,
-   the output layer (`logits_dense`, or the tied embedding), and a method's own matmuls (LoRA's `x A B`,
-   adapters' `down`/`up`, prefix-tuning MLPs, ATTEMPT's gate, scores and mixture, APrompt's query-key
-   terms). A multiply-add is 2 FLOPs: `[M, K] @ [K, N]` is 2MKN. Elementwise work (layer norms, softmax,
-   activations, residual adds, masks, the loss's log-sum-exp over the vocabulary, the optimizer update)
-   and gathers (embedding lookup, relative position bias, per-task rows) are not counted. For the shapes
-   benchmarked they are a few percent of the matmul work; XLA's own count, which includes them, is
-   reported beside ours.
+   the output layer (`logits_dense`, or the tied embedding), and a method's own matmuls, which each of
+   its plug-in modules declares (below). A multiply-add is 2 FLOPs: `[M, K] @ [K, N]` is 2MKN.
+   Elementwise work (layer norms, softmax, activations, residual adds, masks, scalings and biases, the
+   loss's log-sum-exp over the vocabulary, the optimizer update) and gathers (embedding lookup, relative
+   position bias, per-task rows) are not counted. For the shapes benchmarked they are a few percent of
+   the matmul work; XLA's own count, which includes them, is reported beside ours.
 2. **Dense attention.** Scores and mixing cover all T_q x T_k query/key pairs, masked ones included
    (padding, causal), as a dense implementation (ours, HF's) computes them. Extra keys (prefixes,
    key-value prompts) add to T_k. Training and scoring use these dense counts; decoding (rule 6) does not.
@@ -23,29 +22,63 @@ Counting rules
    depends. For `C = A @ B`:
    * `dA = dC B^T` is computed for the rows of A that depend: 2 * rows * K * N (nothing if A does not);
    * `dB = A^T dC` is computed if B depends: 2MKN. A frozen backbone kernel never does; a trainable
-     matrix (LoRA's A and B, an adapter, a prefix MLP, every backbone kernel under full fine-tuning) does.
+     matrix (a low-rank update, an adapter, a prefix MLP, every backbone kernel under full fine-tuning)
+     does.
    So a frozen projection whose input depends costs 1x its forward FLOPs backward (dX, no dW), 2x under
    full fine-tuning (dX and dW); the attention core costs 2x (dQ and dK; dP and dV); and a matmul
-   upstream of every trainable leaf costs nothing. Under an encoder prompt (prompt tuning, ATTEMPT) that
-   prunes:
+   upstream of every trainable leaf costs nothing. Under an encoder prompt (rows prepended at the encoder
+   input) that prunes:
    * the decoder's layer-0 self-attention sublayer entirely (it reads only the frozen decoder-side
      embeddings), and its layer-0 cross-attention query projection and dQ;
    * in encoder layer 0 only the m prompt rows depend, until the first attention mixes them into every
      position: the query/key/value projections' dX is needed for m of the m+n rows; in the attention
      core dQ for the m prompt queries, dK and dV for the m prompt keys, and dP for the (query, key)
      pairs that involve a prompt row, (m+n)^2 - n^2 of them. From there on every row depends.
+   A trainable term after a layer norm (e.g. a bias on its output) makes every row of the norm's output
+   depend.
 5. **What autodiff executes** differs from rule 4 in one way: JAX differentiates whole arrays, so the
    first encoder layer's dX is computed for all m+n rows (zeros at the token rows). `row_pruning=False`
    counts that way; `train_step_flops(..., row_pruning=False)` plus elementwise work is what XLA's
    `cost_analysis` of a compiled step reports (tests/test_flops.py checks it).
 6. **Greedy decoding** (`decode_flops`) counts what cached decoding needs: the encoder forward once; the
    cross-attention keys and values once (they are the same at every step); the method's decoder rows
-   once (a prefill); then per generated position one row through the decoder: the projections,
-   self-attention over the positions so far (the rows, the previous tokens and itself; a causal prefix,
-   not the whole cache), cross-attention over the encoder positions, and the output layer.
+   and its decoder `stack_state` once (a prefill); then per generated position one row through the
+   decoder: the projections, self-attention over the positions so far (the rows, the previous tokens and
+   itself; a causal prefix, not the whole cache), cross-attention over the encoder positions, and the
+   output layer.
 
-Batch-independent method matmuls (a prefix MLP, APrompt's query-key tables without a `tasks` axis) are
-counted once per step: that is how often they run.
+Batch-independent method matmuls (a prefix MLP, position tables without a `tasks` axis, a `stack_state`
+module's) are counted once per step: that is how often they run.
+
+Declaring a method's FLOPs
+--------------------------
+This module names no method. The walk below visits every plug-in site of the backbone in order, asks the
+method's deltas for their modules there (`plugins.modules`), and hands each module's `flops` method the
+counter (the walk) and the site. The declaration adds the module's matmuls with `counter.matmul(name,
+'method', batch, m, k, n, a_rows, b_depends)` (rule 4: `a_rows` of A's m rows depend, `b_depends` when B
+is trainable or computed from trainable leaves) and returns what the walk needs to go on. Rows are
+counted per example: "dependent rows" are how many of an activation's `rows` rows depend on the
+trainable leaves (rule 4); pass `counter.rows(dep, rows)` as a dX row count to get rule 5's count
+when `row_pruning=False`. `counter.batch` is B, `counter.config` the `T5Config`, `counter.train` whether
+a backward pass is counted; the site's geometry (`d_model`, `num_heads`, `head_dim`, `in_features`,
+`out_features`) and `site.where` (a readable path for term names) come with the site.
+
+| hook               | declaration                                  | returns                                 |
+|--------------------|----------------------------------------------|-----------------------------------------|
+| `stack_state`      | `(counter, site)`                            | None (matmuls once per stack and step)  |
+| `input_rows`       | `(counter, site, tokens)`                    | (rows prepended, how many depend)       |
+| `hidden_rows`      | `(counter, site, rows, dep)`                 | the layer input's dependent rows        |
+| `attention_kv`     | `(counter, site, tq, tk)`                    | the number of extra keys (they depend)  |
+| `attention_logits` | `(counter, site, tq, tk)`                    | True when the term is trainable         |
+| `projection_input` | `(counter, site, rows, dep)`                 | the new input's dependent rows          |
+| `projection`       | `(counter, site, rows, dep_x, dep_y)`        | the new output's dependent rows         |
+| `sublayer`         | `(counter, site, rows, dep_x, dep_normed, dep_y)` | the new output's dependent rows    |
+
+The arguments mirror the module call: `tokens` are the stack's token positions (0 for the decoder's
+prefill), `tq`/`tk` the attention's query and sequence-key counts, `dep_x`/`dep_y` the dependent rows of
+the hook's `x` and `y`, `dep_normed` those of a sublayer's normed input. A `projection` module also acts
+at the layer norms (`site.projection` is the norm's name; no matmul of its own) and at the tied output
+layer. A plug-in module without a `flops` method is an error naming the hook, its class and the site.
 """
 
 from __future__ import annotations
@@ -54,7 +87,7 @@ import collections
 import dataclasses
 import math
 import re
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from prompt_mix.t5 import plugins
 from prompt_mix.t5.config import T5Config
@@ -128,6 +161,9 @@ class Count:
 class _Walk:
   """Walks the T5 of `config` with `deltas` plugged in, adding the `Term`s of rules 1-6.
 
+  It is also the counter that plug-in modules' `flops` declarations receive (module docstring):
+  `matmul`, `rows`, `batch`, `config`, `train`, `row_pruning`.
+
   Dependency is tracked per activation as a row count: `dep` of the `rows` rows of a `[B, rows, .]`
   activation depend on the trainable leaves. Partial counts only arise from prepended rows (which lead
   the sequence) before the first attention mixes them in, so a count is all the walk needs.
@@ -135,7 +171,7 @@ class _Walk:
 
   def __init__(self, config: T5Config, deltas: plugins.Deltas, batch: int, train: bool,
                row_pruning: bool = True):
-    self.cfg = config
+    self.config = config
     self.deltas = tuple(deltas)
     self.batch = batch
     self.train = train
@@ -146,14 +182,12 @@ class _Walk:
                        "frozen) has no formulas here")
     self._terms: dict[tuple[str, str], list[float]] = collections.OrderedDict()
 
-  # ---------------------------------------------------------------------------------- accumulation
+  # ---------------------------------------------------------------------------------- the counter API
   def add(self, name: str, kind: str, forward: float, backward: float = 0.0) -> None:
+    """Adds FLOPs to the term `name` (rule 4's backward only when a training step is counted)."""
     acc = self._terms.setdefault((name, kind), [0.0, 0.0])
     acc[0] += float(forward)
     acc[1] += float(backward) if self.train else 0.0
-
-  def count(self) -> Count:
-    return Count([Term(name, kind, fwd, bwd) for (name, kind), (fwd, bwd) in self._terms.items()])
 
   def matmul(self, name: str, kind: str, batch: float, m: float, k: float, n: float, a_rows: float,
              b_depends: bool) -> None:
@@ -161,27 +195,58 @@ class _Walk:
     forward = 2.0 * batch * m * k * n
     self.add(name, kind, forward, 2.0 * batch * a_rows * k * n + (forward if b_depends else 0.0))
 
-  def _rows(self, dep: float, rows: float) -> float:
+  def rows(self, dep: float, rows: float) -> float:
     """Rule 5: autodiff computes a partially dependent array's cotangent on all its rows."""
     return rows if (dep and not self.row_pruning) else dep
 
+  def count(self) -> Count:
+    return Count([Term(name, kind, fwd, bwd) for (name, kind), (fwd, bwd) in self._terms.items()])
+
+  # ---------------------------------------------------------------------------------- plug-ins
+  def declared(self, hook: str, site: plugins.Site) -> list[Callable[..., Any]]:
+    """The `flops` declarations of the modules the deltas give for `hook(site)`, in delta order."""
+    found = []
+    for module in plugins.modules(self.deltas, hook, site):
+      declare = getattr(module, "flops", None)
+      if not callable(declare):
+        raise ValueError(f"flops: no FLOP declaration for the {hook} plug-in {type(module).__name__} at "
+                         f"{site.where}: give {type(module).__name__} a `flops` method (see 'Declaring "
+                         "a method's FLOPs' in prompt_mix/flops.py)")
+      found.append(declare)
+    return found
+
+  def stack_state(self, stack: str) -> None:
+    """The matmuls of the deltas' `stack_state` modules of `stack` (once per stack and step)."""
+    site = plugins.site(self.config, stack, -1, "stack")
+    for declare in self.declared("stack_state", site):
+      declare(self, site)
+
   # ---------------------------------------------------------------------------------- backbone pieces
-  def dense(self, site: plugins.Site, name: str, where: str, rows: float, dep: float, fin: int,
-            fout: int, kind: str = "projection") -> float:
-    """A backbone projection on `[B, rows, fin]` and its plug-ins; returns the output's dependent rows."""
-    self.matmul(f"{where}/{name}", kind, self.batch, rows, fin, fout, self._rows(dep, rows), self.full)
-    out = dep
-    for module in plugins.modules(self.deltas, "projection", site.at(name, fin, fout)):
-      cls = type(module).__name__
-      if cls == "LoraModule":  # s * (x A) B: dA, d(xA), dB always; dX where x depends.
-        r = module.rank
-        self.matmul(f"{where}/{name}/lora_a", "method", self.batch, rows, fin, r,
-                    self._rows(dep, rows), True)
-        self.matmul(f"{where}/{name}/lora_b", "method", self.batch, rows, r, fout, rows, True)
-      elif cls != "BiasModule":  # A bias adds no matmul, but every row now depends.
-        raise ValueError(f"flops: no formula for the projection plug-in {cls} at {where}/{name}")
-      out = rows
+  def dense(self, site: plugins.Site, rows: float, dep: float, kind: str = "projection",
+            input_hooks: bool = True) -> float:
+    """The backbone projection at `site` on `[B, rows, in]` and its plug-ins; returns the output's
+    dependent rows.
+
+    `projection_input` plug-ins transform the input first (unless `input_hooks` is False: the tied output
+    layer has none), then the matmul, then the `projection` plug-ins wrap the output.
+    """
+    if input_hooks:
+      for declare in self.declared("projection_input", site):
+        dep = declare(self, site, rows, dep)
+    self.matmul(site.where, kind, self.batch, rows, site.in_features, site.out_features,
+                self.rows(dep, rows), self.full)
+    out = rows if self.full else dep
+    for declare in self.declared("projection", site):
+      out = declare(self, site, rows, dep, out)
     return rows if self.full else out
+
+  def norm(self, site: plugins.Site, rows: float, dep: float) -> float:
+    """A layer norm at `site` (no matmul) and its `projection` plug-ins; returns its output's dependent
+    rows (every row when a trainable term acts on it)."""
+    out = dep
+    for declare in self.declared("projection", site):
+      out = declare(self, site, rows, dep, out)
+    return out
 
   def attention_core(self, where: str, tq: float, tk: float, extra: float, dep_q: float, dep_k: float,
                      dep_v: float, logit_terms: bool, keys_seen: Optional[float] = None) -> float:
@@ -189,7 +254,7 @@ class _Walk:
 
     `keys_seen` (decoding): the number of keys attended per query, instead of the dense tk + extra.
     """
-    cfg, b = self.cfg, self.batch
+    cfg, b = self.config, self.batch
     h, dk = cfg.num_heads, cfg.head_dim
     keys = (tk if keys_seen is None else keys_seen) + extra
     rk, rv = dep_k + extra, dep_v + extra  # Extra keys/values are trainable (or computed from it).
@@ -197,7 +262,7 @@ class _Walk:
       pairs = tq * keys
     else:
       pairs = tq * keys - (tq - dep_q) * (keys - rk) if (dep_q or rk) else 0.0
-    rq = self._rows(dep_q, tq)
+    rq = self.rows(dep_q, tq)
     if not self.row_pruning:  # Rule 5, with the extra keys a separate array and the values concatenated.
       pairs = tq * keys if pairs else 0.0
       rk = ((keys - extra) if dep_k else 0.0) + extra
@@ -207,192 +272,128 @@ class _Walk:
     self.add(f"{where}/mix", "attention", forward, 2.0 * b * h * dk * (pairs + tq * rv))
     return tq if (rk or rv or logit_terms) else dep_q
 
-  def attention_plugins(self, site: plugins.Site, where: str, tq: float, tk: float
-                        ) -> tuple[float, bool]:
+  def attention_plugins(self, site: plugins.Site, tq: float, tk: float) -> tuple[float, bool]:
     """(extra keys, whether a trainable logit term acts) at an attention site, adding their matmuls."""
-    cfg = self.cfg
-    h, dk = cfg.num_heads, cfg.head_dim
     extra = 0.0
-    for module in plugins.modules(self.deltas, "attention_kv", site):
-      cls = type(module).__name__
-      if cls == "PrefixKV":
-        delta = module.delta
-        extra += delta.length
-        if delta.reparameterize:  # tanh(P' W_i + b_i) W_o + b_o, for every task of a bank.
-          tasks = delta.num_tasks or 1
-          d_emb = delta.prefix_embed_dim or cfg.emb_dim
-          self.matmul(f"{where}/prefix_mlp_wi", "method", tasks, delta.length, d_emb, delta.mlp_hidden,
-                      delta.length, True)
-          self.matmul(f"{where}/prefix_mlp_wo", "method", tasks, delta.length, delta.mlp_hidden,
-                      2 * h * dk, delta.length, True)
-      elif cls == "KeyValuePrompt":
-        extra += module.length
-      else:
-        raise ValueError(f"flops: no formula for the attention_kv plug-in {cls} at {where}")
+    for declare in self.declared("attention_kv", site):
+      extra += declare(self, site, tq, tk)
     logit_terms = False
-    for module in plugins.modules(self.deltas, "attention_logits", site):
-      cls = type(module).__name__
-      if cls == "QueryKeyPrompt":  # einsum('bqhl,bkhl->bhqk') with b = 1, or B with a tasks axis.
-        copies = self.batch if module.num_tasks else 1
-        self.matmul(f"{where}/qk_prompt", "method", copies * h, tq, module.length, tk, tq, True)
-        logit_terms = True
-      elif cls != "HideRows":  # HideRows adds a constant mask: nothing to count.
-        raise ValueError(f"flops: no formula for the attention_logits plug-in {cls} at {where}")
+    for declare in self.declared("attention_logits", site):
+      logit_terms = bool(declare(self, site, tq, tk)) or logit_terms
     return extra, logit_terms
 
-  def sublayer(self, site: plugins.Site, where: str, rows: float, dep_h: float, dep_y: float) -> float:
-    """Adapters on a sublayer's output; returns the new output's dependent rows."""
-    d = self.cfg.emb_dim
-    for module in plugins.modules(self.deltas, "sublayer", site):
-      cls = type(module).__name__
-      if cls != "AdapterModule":
-        raise ValueError(f"flops: no formula for the sublayer plug-in {cls} at {where}")
-      r = module.bottleneck
-      dep_in = dep_h if module.parallel else dep_y
-      self.matmul(f"{where}/adapter_down", "method", self.batch, rows, d, r, self._rows(dep_in, rows),
-                  True)
-      self.matmul(f"{where}/adapter_up", "method", self.batch, rows, r, d, rows, True)
-      dep_y = rows
+  def sublayer(self, site: plugins.Site, rows: float, dep_x: float, dep_normed: float,
+               dep_y: float) -> float:
+    """The `sublayer` plug-ins on a sublayer's output; returns the new output's dependent rows."""
+    for declare in self.declared("sublayer", site):
+      dep_y = declare(self, site, rows, dep_x, dep_normed, dep_y)
     return dep_y
 
-  def attention_block(self, stack: str, layer: int, kind: str, name: str, tq: float, dep_x: float,
+  def attention_block(self, stack: str, layer: int, kind: str, tq: float, dep_x: float,
                       kv_rows: Optional[float] = None, dep_kv: Optional[float] = None,
                       kv_project: Optional[float] = None, keys_seen: Optional[float] = None) -> float:
     """Pre-norm attention sublayer with residual; returns the residual stream's dependent rows.
 
     Args:
-      kv_rows / dep_kv: the key/value source (None: self-attention on the block's own input).
+      kv_rows / dep_kv: the key/value source (None: self-attention on the block's own normed input).
       kv_project: rows whose keys/values are projected here (decoding: 1 new row, or 0 for cached
         cross-attention keys); default all `kv_rows`.
       keys_seen: decoding: keys attended per query (rule 6).
     """
-    cfg = self.cfg
-    n_layers = cfg.num_encoder_layers if stack == "encoder" else cfg.num_decoder_layers
+    cfg = self.config
     site = plugins.site(cfg, stack, layer, kind)
-    where = f"{stack}/layers_{layer}/{name}"
     d, hk = cfg.emb_dim, cfg.num_heads * cfg.head_dim
+    dep_n = self.norm(site.at(plugins.PRE_NORMS[(stack, kind)], d, d), tq, dep_x)
     if kv_rows is None:
-      kv_rows, dep_kv = tq, dep_x
+      kv_rows, dep_kv = tq, dep_n
     kv_project = kv_rows if kv_project is None else kv_project
-    dep_q = self.dense(site, "query", where, tq, dep_x, d, hk)
+    dep_q = self.dense(site.at("query", d, hk), tq, dep_n)
     dep_k = dep_v = dep_kv
     if kv_project:
-      dep_k = self.dense(site, "key", where, kv_project, min(dep_kv, kv_project), d, hk)
-      dep_v = self.dense(site, "value", where, kv_project, min(dep_kv, kv_project), d, hk)
+      dep_k = self.dense(site.at("key", d, hk), kv_project, min(dep_kv, kv_project))
+      dep_v = self.dense(site.at("value", d, hk), kv_project, min(dep_kv, kv_project))
       if kv_project < kv_rows:  # Decoding: cached keys/values of earlier positions (no gradients).
         dep_k = dep_v = dep_kv
-    extra, logit_terms = self.attention_plugins(site, where, tq, kv_rows)
-    dep_o = self.attention_core(where, tq, kv_rows, extra, dep_q, dep_k, dep_v, logit_terms, keys_seen)
-    dep_y = self.dense(site, "out", where, tq, dep_o, hk, d)
-    dep_y = self.sublayer(site, where, tq, dep_x, dep_y)
+    extra, logit_terms = self.attention_plugins(site, tq, kv_rows)
+    dep_o = self.attention_core(site.where, tq, kv_rows, extra, dep_q, dep_k, dep_v, logit_terms,
+                                keys_seen)
+    dep_y = self.dense(site.at("out", hk, d), tq, dep_o)
+    dep_y = self.sublayer(site, tq, dep_x, dep_n, dep_y)
     return max(dep_x, dep_y)
 
   def mlp_block(self, stack: str, layer: int, rows: float, dep_x: float) -> float:
-    cfg = self.cfg
-    n_layers = cfg.num_encoder_layers if stack == "encoder" else cfg.num_decoder_layers
+    cfg = self.config
     site = plugins.site(cfg, stack, layer, "mlp")
-    where = f"{stack}/layers_{layer}/mlp"
+    d, f = cfg.emb_dim, cfg.mlp_dim
+    dep_n = self.norm(site.at(plugins.PRE_NORMS[(stack, "mlp")], d, d), rows, dep_x)
     names = ("wi",) if len(cfg.mlp_activations) == 1 else tuple(
         f"wi_{i}" for i in range(len(cfg.mlp_activations)))
-    dep_h = max(self.dense(site, n, where, rows, dep_x, cfg.emb_dim, cfg.mlp_dim) for n in names)
-    dep_y = self.dense(site, "wo", where, rows, dep_h, cfg.mlp_dim, cfg.emb_dim)
-    dep_y = self.sublayer(site, where, rows, dep_x, dep_y)
+    dep_h = max(self.dense(site.at(n, d, f), rows, dep_n) for n in names)
+    dep_y = self.dense(site.at("wo", f, d), rows, dep_h)
+    dep_y = self.sublayer(site, rows, dep_x, dep_n, dep_y)
     return max(dep_x, dep_y)
 
-  def input_rows(self, stack: str, n_layers: int) -> tuple[int, int]:
+  def input_rows(self, stack: str, tokens: float) -> tuple[float, float]:
     """(rows prepended at the stack input, how many of them depend on trainable leaves)."""
-    site = plugins.site(self.cfg, stack, -1, "input")
+    site = plugins.site(self.config, stack, -1, "input")
     rows = dep = 0
-    for module in plugins.modules(self.deltas, "input_rows", site):
-      cls = type(module).__name__
-      if cls == "PromptRows":
-        length = module.delta.length
-      elif cls == "AttemptPrompt":
-        length = module.delta.prompt_length
-        self.attempt(module.delta)
-      elif cls in ("InputPrompt", "ZeroRows"):
-        length = module.length
-      else:
-        raise ValueError(f"flops: no formula for the input_rows plug-in {cls} at {stack}")
+    for declare in self.declared("input_rows", site):
+      length, dependent = declare(self, site, tokens)
       rows += length
-      dep += 0 if cls == "ZeroRows" else length
+      dep += dependent
     return rows, dep
 
-  def hidden_rows(self, stack: str, layer: int, n_layers: int, rows: float, dep_x: float) -> float:
-    site = plugins.site(self.cfg, stack, layer, "layer")
-    for module in plugins.modules(self.deltas, "hidden_rows", site):
-      if type(module).__name__ != "DeepPrompt":
-        raise ValueError(f"flops: no formula for the hidden_rows plug-in {type(module).__name__}")
-      dep_x = rows if dep_x >= rows else min(rows, dep_x + module.length)
+  def hidden_rows(self, stack: str, layer: int, rows: float, dep_x: float) -> float:
+    site = plugins.site(self.config, stack, layer, "layer")
+    for declare in self.declared("hidden_rows", site):
+      dep_x = declare(self, site, rows, dep_x)
     return dep_x
 
-  def attempt(self, delta) -> None:
-    """ATTEMPT's gate G, attention scores and mixture (`attempt.AttemptPrompt`); sources are frozen."""
-    b, d, m = self.batch, self.cfg.emb_dim, delta.prompt_length
-    t = len(delta.source_names)
-    where = "encoder/attempt"
-    if not delta.constant_attention:
-      r = delta.bottleneck
-      self.matmul(f"{where}/gate/w_down", "method", 1, b, d, r, 0, True)  # The pooled input is frozen.
-      self.matmul(f"{where}/gate/w_up", "method", 1, b, r, d, b, True)
-      if delta.per_token:
-        if t:  # einsum('jmd,bd->bmj', sources, z)
-          self.matmul(f"{where}/scores", "method", 1, b, d, t * m, b, False)
-        if delta.use_target:  # einsum('bmd,bd->bm', target, z)
-          self.matmul(f"{where}/target_score", "method", b, m, d, 1, m, True)
-      else:
-        if t:  # einsum('jd,bd->bj', pooled sources, z)
-          self.matmul(f"{where}/scores", "method", 1, b, d, t, b, False)
-        if delta.use_target:  # einsum('bd,bd->b', pooled target, z)
-          self.matmul(f"{where}/target_score", "method", b, 1, d, 1, 1, True)
-    if t:  # The mixture of the frozen sources; its weights depend unless the attention is constant.
-      weights_dep = 0 if delta.constant_attention else b
-      if delta.per_token:  # einsum('bmj,jmd->bmd')
-        self.matmul(f"{where}/mixture", "method", m, b, t, d, weights_dep, False)
-      else:  # einsum('bj,jmd->bmd')
-        self.matmul(f"{where}/mixture", "method", 1, b, t, m * d, weights_dep, False)
+  def final_norm(self, stack: str, rows: float, dep: float) -> float:
+    cfg = self.config
+    depth = cfg.num_encoder_layers if stack == "encoder" else cfg.num_decoder_layers
+    site = plugins.site(cfg, stack, depth, "output").at(plugins.FINAL_NORMS[stack], cfg.emb_dim,
+                                                          cfg.emb_dim)
+    return self.norm(site, rows, dep)
 
   # ---------------------------------------------------------------------------------- stacks
   def encoder(self, inputs: int) -> tuple[float, float]:
     """The encoder on `inputs` tokens; returns (encoded rows, dependent rows)."""
-    cfg = self.cfg
-    n_layers = cfg.num_encoder_layers
-    prepended, dep = self.input_rows("encoder", n_layers)
+    self.stack_state("encoder")
+    prepended, dep = self.input_rows("encoder", inputs)
     rows = inputs + prepended
     dep_x = rows if self.full else dep
-    for i in range(n_layers):
+    for i in range(self.config.num_encoder_layers):
       if i:
-        dep_x = self.hidden_rows("encoder", i, n_layers, rows, dep_x)
-      dep_x = self.attention_block("encoder", i, "attention", "attention", rows, dep_x)
+        dep_x = self.hidden_rows("encoder", i, rows, dep_x)
+      dep_x = self.attention_block("encoder", i, "attention", rows, dep_x)
       dep_x = self.mlp_block("encoder", i, rows, dep_x)
-    return rows, dep_x
+    return rows, self.final_norm("encoder", rows, dep_x)
 
   def decoder(self, targets: int, enc_rows: float, dep_enc: float) -> None:
-    cfg = self.cfg
-    n_layers = cfg.num_decoder_layers
-    prepended, dep = self.input_rows("decoder", n_layers)
+    self.stack_state("decoder")
+    prepended, dep = self.input_rows("decoder", targets)
     rows = targets + prepended
     dep_x = rows if self.full else dep
-    for i in range(n_layers):
+    for i in range(self.config.num_decoder_layers):
       if i:
-        dep_x = self.hidden_rows("decoder", i, n_layers, rows, dep_x)
-      dep_x = self.attention_block("decoder", i, "self_attention", "self_attention", rows, dep_x)
-      dep_x = self.attention_block("decoder", i, "cross_attention", "encoder_decoder_attention", rows,
-                                   dep_x, enc_rows, dep_enc)
+        dep_x = self.hidden_rows("decoder", i, rows, dep_x)
+      dep_x = self.attention_block("decoder", i, "self_attention", rows, dep_x)
+      dep_x = self.attention_block("decoder", i, "cross_attention", rows, dep_x, enc_rows, dep_enc)
       dep_x = self.mlp_block("decoder", i, rows, dep_x)
+    dep_x = self.final_norm("decoder", rows, dep_x)
     # The logits cover the target positions only (the prepended rows are dropped).
     dep_out = targets if dep_x >= rows else max(0.0, dep_x - prepended)
     self.logits(targets, dep_out)
 
   def logits(self, rows: float, dep: float) -> None:
-    cfg = self.cfg
-    if cfg.logits_via_embedding:  # x @ embedding^T: the embedding is trainable only for full FT.
-      self.matmul("decoder/logits", "logits", self.batch, rows, cfg.emb_dim, cfg.vocab_size,
-                  self._rows(dep, rows), self.full)
-    else:
-      n = cfg.num_decoder_layers
-      self.dense(plugins.site(cfg, "decoder", n, "logits"), "logits_dense", "decoder", rows, dep,
-                 cfg.emb_dim, cfg.vocab_size, kind="logits")
+    """The output layer: `logits_dense`, or `x @ embedding^T` (tied; the embedding is trainable only
+    under full fine-tuning), with its `projection` plug-ins."""
+    cfg = self.config
+    tied = cfg.logits_via_embedding
+    site = plugins.site(cfg, "decoder", cfg.num_decoder_layers, "logits").at(
+        "logits" if tied else "logits_dense", cfg.emb_dim, cfg.vocab_size)
+    self.dense(site, rows, dep, kind="logits", input_hooks=not tied)
 
 
 def train_step_flops(config: T5Config, deltas: plugins.Deltas, batch: int, inputs: int, targets: int,
@@ -422,27 +423,26 @@ def decode_flops(config: T5Config, deltas: plugins.Deltas, batch: int, inputs: i
   """FLOPs of greedy decoding of `length` positions with a KV cache (rule 6)."""
   walk = _Walk(config, deltas, batch, train=False)
   enc_rows, _ = walk.encoder(inputs)
-  cfg = walk.cfg
+  cfg = walk.config
   n_layers = cfg.num_decoder_layers
-  prepended, _ = walk.input_rows("decoder", n_layers)
+  walk.stack_state("decoder")
+  prepended, _ = walk.input_rows("decoder", 0)
   # Cross-attention keys and values, once.
-  hk = cfg.num_heads * cfg.head_dim
+  d, hk = cfg.emb_dim, cfg.num_heads * cfg.head_dim
   for i in range(n_layers):
     site = plugins.site(cfg, "decoder", i, "cross_attention")
-    where = f"decoder/layers_{i}/encoder_decoder_attention"
-    walk.dense(site, "key", where, enc_rows, 0, cfg.emb_dim, hk)
-    walk.dense(site, "value", where, enc_rows, 0, cfg.emb_dim, hk)
+    walk.dense(site.at("key", d, hk), enc_rows, 0)
+    walk.dense(site.at("value", d, hk), enc_rows, 0)
   # The prefill of the method's decoder rows, then one row per step.
   chunks = ([(prepended, 0)] if prepended else []) + [(1, prepended + s) for s in range(length)]
   for rows, start in chunks:
     for i in range(n_layers):
       # Causal: the rows at positions start..start+rows-1 see start+1..start+rows keys, on average
       # start + (rows + 1) / 2.
-      walk.attention_block("decoder", i, "self_attention", "self_attention", rows, 0,
-                           kv_rows=start + rows, dep_kv=0, kv_project=rows,
-                           keys_seen=start + (rows + 1) / 2)
-      walk.attention_block("decoder", i, "cross_attention", "encoder_decoder_attention", rows, 0,
-                           kv_rows=enc_rows, dep_kv=0, kv_project=0)
+      walk.attention_block("decoder", i, "self_attention", rows, 0, kv_rows=start + rows, dep_kv=0,
+                           kv_project=rows, keys_seen=start + (rows + 1) / 2)
+      walk.attention_block("decoder", i, "cross_attention", rows, 0, kv_rows=enc_rows, dep_kv=0,
+                           kv_project=0)
       walk.mlp_block("decoder", i, rows, 0)
     if not (rows == prepended and start == 0 and prepended):
       walk.logits(rows, 0)

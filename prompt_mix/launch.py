@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 
 from prompt_mix import gin_utils
+from prompt_mix import methods
 from prompt_mix import partitioning
 
 _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data directory (overrides the tasks').")
@@ -22,7 +23,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: hos
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
-# Modules whose gin configurables and SeqIO tasks every binary can name.
+# Modules whose gin configurables and SeqIO tasks every binary can name. The methods' modules (every
+# module of `prompt_mix.peft`) come from the method registry, `methods.import_all()`.
 REGISTERED_MODULES = (
     "prompt_mix.t5.config",
     "prompt_mix.t5.model",
@@ -31,18 +33,17 @@ REGISTERED_MODULES = (
     "prompt_mix.training.evaluation",
     "prompt_mix.training.inference",
     "prompt_mix.training.exporter",
-    "prompt_mix.peft.prompt_tuning",
-    "prompt_mix.peft.prefix_tuning",
-    "prompt_mix.peft.aprompt",
-    "prompt_mix.peft.adapters",
-    "prompt_mix.peft.lora",
-    "prompt_mix.peft.bitfit",
-    "prompt_mix.peft.mam",
-    "prompt_mix.peft.full_finetune",
-    "prompt_mix.peft.attempt",
     "prompt_mix.data.feature_converter",
     "prompt_mix_tasks",
 )
+
+
+def import_registered() -> None:
+  """Imports `REGISTERED_MODULES` and every method module, so gin and SeqIO know all they name."""
+  for name in REGISTERED_MODULES:
+    importlib.import_module(name)
+  methods.import_all()
+
 
 # Errors that mean the configuration or the inputs are wrong: reported in one line, no traceback.
 USER_ERRORS = (gin_utils.GinConfigError, ValueError, FileNotFoundError, FloatingPointError, KeyError)
@@ -54,8 +55,7 @@ def prepare() -> None:
   if _TFDS_DATA_DIR.value:
     import seqio  # pylint: disable=g-import-not-at-top
     seqio.set_tfds_data_dir_override(_TFDS_DATA_DIR.value)
-  for name in REGISTERED_MODULES:
-    importlib.import_module(name)
+  import_registered()
   gin_utils.parse_gin_from_flags()
 
 

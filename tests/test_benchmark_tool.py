@@ -8,6 +8,7 @@ import sys
 
 from prompt_mix import flops
 from prompt_mix.peft import attempt
+from prompt_mix.peft import lora
 from prompt_mix.peft import prompt_tuning
 from prompt_mix.t5 import config as config_lib
 
@@ -39,9 +40,31 @@ def test_attempt_versus_prompt_tuning_are_timed_interleaved():
   assert r["versus"]["method"] == "prompt_tuning" and r["versus"]["paired_ratio"] > 0
 
 
+def test_compare_peft_loads_our_export_into_hf_peft():
+  """--compare-peft builds HF PEFT's model from our export of the method (any method with a counterpart)."""
+  # B is random (not zero) so that the comparison checks the exported update, on attention and MLP.
+  r = run_tool("--batch=2", "--method=lora", "--rank=2", "--compare-peft",
+               "--gin_bindings=LoRA.targets = ['query', 'value', 'wo']",
+               "--gin_bindings=LoRA.init_lora_weights = False")
+  check_train(r["train"], (lora.LoRA(rank=2, alpha=2.0, targets=("query", "value", "wo")),))
+  peft = r["peft"]
+  assert peft["peft_type"] == "LORA" and peft["logits_rel_error"] < 1e-5
+  assert peft["train"]["median_s"] > 0 and peft["score"]["median_s"] > 0
+  assert peft["trainable_params"] == r["train"]["trainable_params"]
+
+
+def test_compare_peft_says_why_a_method_has_no_counterpart():
+  r = run_tool("--batch=2", "--method=houlsby_adapter", "--bottleneck=2", "--compare-peft", "--notrain")
+  reason = r["peft"]["unavailable"]  # The export's own refusal, naming the method.
+  assert "HoulsbyAdapter" in reason and "PEFT counterpart" in reason
+
+
 def test_prompt_tuning_inference_and_mixed_task():
-  r = run_tool("--batch=8", "--method=prompt_tuning", "--inference", "--mixed-task")
+  r = run_tool("--batch=8", "--method=prompt_tuning", "--inference", "--mixed-task", "--compare-peft")
   check_train(r["train"], (prompt_tuning.PromptTuning(length=3),), batch=8)
+  # PEFT refuses to load a prompt-learning adapter as trainable; the tool makes its prompt trainable.
+  assert r["peft"]["peft_type"] == "PROMPT_TUNING" and r["peft"]["logits_rel_error"] < 1e-5
+  assert r["peft"]["trainable_params"] == r["train"]["trainable_params"]
   assert r["score"]["median_s"] > 0 and r["greedy"]["generated_tokens_per_s"] > 0
   mixed = r["mixed_task"]
   check_train(mixed["bank"]["train"], (prompt_tuning.PromptTuning(length=3, num_tasks=8),), batch=8)

@@ -1,5 +1,7 @@
 """The FLOP counter: a hand count on the tiny preset, and XLA's own counts of compiled computations."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,6 +17,7 @@ from prompt_mix.peft import lora
 from prompt_mix.peft import mam
 from prompt_mix.peft import prefix_tuning
 from prompt_mix.peft import prompt_tuning
+from prompt_mix.peft import tasks as tasks_lib
 from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import model as model_lib
 from prompt_mix.training import step as step_lib
@@ -168,8 +171,101 @@ def test_unknown_plugin_is_named():
     def projection(self, site):
       return Odd()
 
-  with pytest.raises(ValueError, match="no formula for the projection plug-in Odd"):
+  # The first projection site the walk meets is the layer norm in front of encoder layer 0's attention.
+  with pytest.raises(ValueError, match="no FLOP declaration for the projection plug-in Odd at "
+                     "encoder/layers_0/attention/pre_attention_layer_norm"):
     flops.train_step_flops(CONFIG, (OddDelta(),), B, N, T)
+
+
+# ------------------------------------------------------------------------------------ the newer hooks
+# Toy plug-ins at the hooks no shipped method uses yet, each with its `flops` declaration: a trainable
+# bias after every layer norm (`projection` at a norm site), an (IA)^3-style scale of the MLP's `wo`
+# input (`projection_input`), and a stack state computed by a matmul that input rows then read.
+class NormBias(nn.Module):
+  @nn.compact
+  def __call__(self, x, y, ctx):
+    return y + tasks_lib.peft_param(self, "bias", nn.initializers.normal(1.0), (y.shape[-1],), (None,))
+
+  def flops(self, counter, site, rows, dep_x, dep_y):
+    return rows  # No matmul; every row after the norm now depends.
+
+
+class InputScale(nn.Module):
+  @nn.compact
+  def __call__(self, x, ctx):
+    return x * tasks_lib.peft_param(self, "scale", nn.initializers.ones, (x.shape[-1],), (None,))
+
+  def flops(self, counter, site, rows, dep):
+    return rows
+
+
+class StateTable(nn.Module):
+  length: int
+
+  @nn.compact
+  def __call__(self, ctx):
+    d = ctx.embedding.shape[-1]
+    table = tasks_lib.peft_param(self, "table", nn.initializers.normal(1.0), (self.length, d), (None, None))
+    w = tasks_lib.peft_param(self, "w", nn.initializers.normal(0.1), (d, d), (None, None))
+    return table @ w  # [l, d], once per stack.
+
+  def flops(self, counter, site):
+    d = site.d_model
+    counter.matmul(f"{site.stack}/state", "method", 1, self.length, d, d, self.length, True)
+
+
+class StateRows(nn.Module):
+  length: int
+
+  def __call__(self, embedded, mask, ctx):
+    return jnp.broadcast_to(ctx.state[None], (embedded.shape[0],) + ctx.state.shape)
+
+  def flops(self, counter, site, tokens):
+    return self.length, self.length
+
+
+@dataclasses.dataclass(frozen=True)
+class ToyDelta(prompt_tuning.plugins.Delta):
+  what: str = "norm_bias"
+
+  def projection(self, site):
+    if self.what == "norm_bias" and site.projection.endswith("norm"):
+      return NormBias(name="norm_bias")
+    return None
+
+  def projection_input(self, site):
+    return InputScale(name="scale") if self.what == "wo_scale" and site.projection == "wo" else None
+
+  def stack_state(self, site):
+    return StateTable(3, name="state") if self.what == "state" and site.stack == "decoder" else None
+
+  def input_rows(self, site):
+    return StateRows(3, name="rows") if self.what == "state" and site.stack == "decoder" else None
+
+
+@pytest.mark.parametrize("what", ["norm_bias", "wo_scale", "state"])
+def test_layer_norm_projection_input_and_stack_state_plugins_are_counted_exactly(what):
+  """The walk handles every hook generically: XLA executes exactly the counted dots."""
+  deltas = (ToyDelta(what),)
+  model = model_lib.EncoderDecoderModel(CONFIG, deltas)
+  _, _, batch, _ = setup("backbone")
+  variables = nn.unbox(model.init(jax.random.PRNGKey(0), batch))
+  forward = flops.hlo_dot_flops(compiled(model.logits, variables, batch).as_text())
+  assert forward == flops.forward_flops(CONFIG, deltas, B, N, T).forward
+  trainable, frozen = model_lib.split_trainable(variables, model.trains_backbone)
+  optimizer = optax.sgd(0.1)
+  step = step_lib.make_train_step(model, optimizer)
+  executed = flops.hlo_dot_flops(
+      compiled(step, trainable, optimizer.init(trainable), frozen, batch, None).as_text())
+  count = flops.train_step_flops(CONFIG, deltas, B, N, T, row_pruning=False)
+  assert executed == count.total
+  needed = flops.train_step_flops(CONFIG, deltas, B, N, T)
+  if what == "norm_bias":  # The first norm's bias makes every row of encoder layer 0 depend.
+    assert needed.term("encoder/layers_0/attention/query").backward > 0
+  if what == "state":  # Counted once per step, its weight gradient included.
+    d = CONFIG.emb_dim
+    assert needed.term("decoder/state").forward == 2 * 3 * d * d
+    assert needed.term("decoder/state").backward == 2 * 2 * 3 * d * d
 
 
 def test_hlo_dots_read_shapes_and_dimension_numbers():

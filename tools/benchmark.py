@@ -11,16 +11,22 @@ high-water, `resource.getrusage`; GPU: `peak_bytes_in_use`).
       --prompt=100 --targets=8 --steps=10
   ... --compare-peft      the same shapes with HF PEFT (PyTorch CPU, torch threads = cores), same process
   ... --inference         scoring (`score_batch`) and greedy decoding (`predict_batch`) throughput
-  ... --mixed-task        a bank of 8 prompts (`PromptTuning(num_tasks=8)`, task_ids 0..7) vs one prompt,
-                          and a mixed batch served in one call vs task by task
+  ... --mixed-task        a bank of 8 (NUM_TASKS = 8, task_ids 0..7) vs the single-task method, and a mixed
+                          batch served in one call vs task by task
   ... --versus=METHOD     another method's step on the same shapes, timed interleaved, and the ratio
   ... --sweep=prompt      prompt lengths 0..400 (`--sweep=batch`: batch sizes), one subprocess per point
   ... --profile           per-op time of the jitted step (jax.profiler trace), by kind of op
   ... --dtype=bfloat16    bf16 activations (float32 params) for accelerators
 
-`--method`: prompt_tuning, attempt (a library of `--sources` random source prompts written to a
-temporary directory), prefix_tuning, p_tuning_v2, aprompt, lora, houlsby, parallel, scaled_parallel, mam,
-bitfit, full_finetune. `--prompt` is the prompt / prefix / input-prompt length where the method has one.
+`--method` (and `--versus`): any registered method, i.e. the stem of a gin file in
+`prompt_mix/configs/methods/` (`prompt_mix.methods`), built from that file. The size flags bind the
+registry's standard macros where the method's file binds them: `--prompt` -> PROMPT_LENGTH (0: the plain
+backbone), `--rank` -> LORA_RANK and LORA_ALPHA, `--bottleneck` -> ADAPTER_BOTTLENECK, `--sources` ->
+SOURCE_PROMPTS (random prompts of a scratch library written to a temporary directory, for a method that
+reads PROMPT_LIBRARY), NUM_TASKS for `--mixed-task`'s bank; `--gin_bindings` (repeatable, or `--gin.NAME=
+VALUE`) applies any other binding after them. `--compare-peft` builds the HF PEFT model from what our
+export writes (`export_formats.peft_adapter`), loaded with `PeftModel.from_pretrained` on the HF T5 of the
+same backbone weights; a method without a PEFT counterpart says why.
 """
 
 from __future__ import annotations
@@ -47,15 +53,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from prompt_mix import export_formats
 from prompt_mix import flops as flops_lib
+from prompt_mix import gin_utils
+from prompt_mix import methods
 from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import model as model_lib
+from prompt_mix.t5 import plugins
 from prompt_mix.training import step as step_lib
 
-METHODS = ("prompt_tuning", "attempt", "prefix_tuning", "p_tuning_v2", "aprompt", "lora", "houlsby",
-           "parallel", "scaled_parallel", "mam", "bitfit", "full_finetune")
-PROMPT_METHODS = ("prompt_tuning", "attempt", "prefix_tuning", "p_tuning_v2", "aprompt", "mam")
-PEFT_METHODS = ("prompt_tuning", "lora")  # With an HF PEFT counterpart for --compare-peft.
+METHODS = methods.names()  # The registry: every gin file of prompt_mix/configs/methods/.
 SWEEPS = {"prompt": (0, 25, 50, 100, 200, 400), "batch": (1, 2, 4, 8, 16, 32)}
 RESULT = "RESULT "  # Prefix of the JSON line a sweep point prints for its parent.
 
@@ -64,21 +71,23 @@ flags.DEFINE_string("size", "t5_1_1_small", "A preset of prompt_mix.t5.config.PR
 flags.DEFINE_enum("method", "prompt_tuning", METHODS, "The method to train.")
 flags.DEFINE_integer("batch", 8, "Batch size B.")
 flags.DEFINE_integer("inputs", 128, "Encoder input tokens per example.")
-flags.DEFINE_integer("prompt", 100, "Prompt / prefix length (0: the plain backbone, forward only).")
+flags.DEFINE_integer("prompt", 100, "PROMPT_LENGTH: prompt / prefix length (0: the plain backbone, forward "
+                     "only).")
 flags.DEFINE_integer("targets", 8, "Decoder target tokens per example (and greedy decoding length).")
 flags.DEFINE_integer("steps", 10, "Measured steps (the median is reported).")
 flags.DEFINE_integer("warmup", 2, "Unmeasured steps after compilation.")
 flags.DEFINE_enum("optimizer", "adafactor", ("adafactor", "adam"), "Optimizer of the trainable leaves.")
 flags.DEFINE_enum("dtype", "float32", ("float32", "bfloat16"), "Activation dtype (params stay float32).")
 flags.DEFINE_float("dropout", 0.0, "Dropout rate during the training step (both implementations).")
-flags.DEFINE_integer("rank", 8, "LoRA rank (alpha = rank).")
-flags.DEFINE_integer("bottleneck", 64, "Adapter bottleneck.")
-flags.DEFINE_integer("sources", 6, "ATTEMPT: number of source prompts in the library.")
+flags.DEFINE_integer("rank", 8, "LORA_RANK (and LORA_ALPHA = rank).")
+flags.DEFINE_integer("bottleneck", 64, "ADAPTER_BOTTLENECK: adapter bottleneck.")
+flags.DEFINE_integer("sources", None, "Methods reading a prompt library: this many random source prompts "
+                     "(SOURCE_PROMPTS); default: the gin file's source prompts, as random prompts.")
 flags.DEFINE_integer("matmul_size", 2048, "n of the n^3 fp32 matmul that measures the machine's rate.")
 flags.DEFINE_bool("train", True, "Benchmark the training step.")
 flags.DEFINE_bool("compare-peft", False, "Also time HF PEFT (PyTorch CPU) on the same shapes.")
 flags.DEFINE_bool("inference", False, "Also time scoring and greedy decoding.")
-flags.DEFINE_bool("mixed-task", False, "Also time a mixed-task batch of 8 prompts vs a single prompt, "
+flags.DEFINE_bool("mixed-task", False, "Also time a mixed-task batch of a bank of 8 (NUM_TASKS) vs one, "
                   "and serving it in one call vs task by task.")
 flags.DEFINE_enum("sweep", None, tuple(SWEEPS), "Scaling curve over prompt length or batch size.")
 flags.DEFINE_list("sweep_values", None, "Values of the sweep (default: prompt 0..400, batch 1..32).")
@@ -147,49 +156,38 @@ def load_average() -> float:
 
 
 # ------------------------------------------------------------------------------------------ models
+def method_bindings(method: str, prompt: int, num_tasks: Optional[int] = None) -> list[str]:
+  """The bindings of `--method`'s standard macros from the flags (those its gin file binds), then
+  `--gin_bindings`.
+
+  `num_tasks`: NUM_TASKS for a bank (None: the file's value; 1 where the file requires one).
+  """
+  bound = methods.macros(method)
+  values = {"PROMPT_LENGTH": prompt, "LORA_RANK": FLAGS.rank, "LORA_ALPHA": float(FLAGS.rank),
+            "ADAPTER_BOTTLENECK": FLAGS.bottleneck}
+  if FLAGS.sources is not None:
+    values["SOURCE_PROMPTS"] = [f"source_{i}" for i in range(FLAGS.sources)]
+  if num_tasks is not None:
+    values["NUM_TASKS"] = num_tasks
+  elif "NUM_TASKS" in methods.required_macros(method):
+    values["NUM_TASKS"] = 1
+  return [f"{k} = {v!r}" for k, v in values.items() if k in bound] + list(FLAGS.gin_bindings or ())
+
+
 def make_deltas(method: str, prompt: int, inputs: int, targets: int, d_model: int,
                 library_dir: Optional[str], num_tasks: Optional[int] = None) -> tuple:
-  """The deltas of `--method` (an empty tuple for prompt length 0 on a prompt method)."""
-  from prompt_mix.peft import attempt  # pylint: disable=g-import-not-at-top
-  from prompt_mix.attempt import library as library_lib  # pylint: disable=g-import-not-at-top
-  from prompt_mix.peft import adapters, aprompt, bitfit, full_finetune, lora, mam  # pylint: disable=g-import-not-at-top,g-multiple-import
-  from prompt_mix.peft import prefix_tuning, prompt_tuning  # pylint: disable=g-import-not-at-top,g-multiple-import
-  if method in PROMPT_METHODS and prompt == 0:
+  """The deltas of `method` built from its gin file with `method_bindings` (an empty tuple, the plain
+  backbone, for prompt length 0 on a method with a PROMPT_LENGTH).
+
+  `inputs` and `targets` are not used (the gin file sizes what depends on lengths); `library_dir` holds
+  the scratch prompt library of a method that reads one (it must outlive the deltas).
+  """
+  del inputs, targets
+  if prompt == 0 and methods.LENGTH_MACRO in methods.macros(method):
     return ()
-  if method == "prompt_tuning":
-    return (prompt_tuning.PromptTuning(length=prompt, init="uniform", num_tasks=num_tasks),)
-  if method == "attempt":
-    lib = library_lib.PromptLibrary(library_dir)
-    rng = np.random.RandomState(0)
-    names = tuple(f"source_{i}" for i in range(FLAGS.sources))
-    for name in names:
-      if name not in lib:
-        lib.add(name, rng.uniform(-0.5, 0.5, (prompt, d_model)).astype(np.float32), backbone=FLAGS.size,
-                task=name)
-    return (attempt.Attempt(library_path=library_dir, source_names=names, prompt_length=prompt,
-                            target_init="uniform", num_tasks=num_tasks),)
-  if method == "prefix_tuning":
-    return (prefix_tuning.PrefixTuning(length=prompt, num_tasks=num_tasks),)
-  if method == "p_tuning_v2":
-    return (prefix_tuning.PTuningV2(length=prompt, num_tasks=num_tasks),)
-  if method == "aprompt":
-    return (aprompt.APrompt(input_length=prompt, max_length=inputs + prompt,
-                            decoder_max_length=targets + prompt, num_tasks=num_tasks),)
-  if method == "lora":
-    return (lora.LoRA(rank=FLAGS.rank, alpha=float(FLAGS.rank), num_tasks=num_tasks),)
-  if method == "houlsby":
-    return (adapters.HoulsbyAdapter(bottleneck=FLAGS.bottleneck, num_tasks=num_tasks),)
-  if method == "parallel":
-    return (adapters.ParallelAdapter(bottleneck=FLAGS.bottleneck, num_tasks=num_tasks),)
-  if method == "scaled_parallel":
-    return (adapters.ScaledParallelAdapter(bottleneck=FLAGS.bottleneck, num_tasks=num_tasks),)
-  if method == "mam":
-    return mam.mam_adapter(prefix_length=prompt, bottleneck=FLAGS.bottleneck, num_tasks=num_tasks)
-  if method == "bitfit":
-    return (bitfit.BitFit(num_tasks=num_tasks),)
-  if method == "full_finetune":
-    return (full_finetune.FullFineTune(),)
-  raise ValueError(f"unknown method {method!r}")
+  model = FLAGS.size if (gin_utils.CONFIG_DIR / "models" / f"{FLAGS.size}.gin").is_file() else None
+  return methods.deltas(method, method_bindings(method, prompt, num_tasks), model=model, d_model=d_model,
+                        scratch_dir=library_dir)
 
 
 def make_batch(batch: int, inputs: int, targets: int, vocab: int, task_ids=None, seed: int = 0) -> dict:
@@ -454,21 +452,57 @@ class PeftTrainer:
     return loss
 
 
-def peft_trainer(method: str, config, params) -> PeftTrainer:
-  """HF PEFT on the same backbone weights: PyTorch CPU, threads = cores."""
+def peft_export(setup: Setup) -> tuple[Optional[tuple[dict, dict]], str]:
+  """Our HF PEFT export of the setup's method and weights: ((adapter_config, {key: array}), '') from
+  `export_formats.peft_adapter`, or (None, the export's reason) for a method without a PEFT counterpart."""
+  try:
+    return export_formats.peft_adapter(setup.variables, setup.model), ""
+  except export_formats.ExportError as e:
+    return None, str(e)
+
+
+def peft_model(config, params, adapter: tuple[dict, dict]):
+  """`PeftModel.from_pretrained(hf, adapter_dir)` on the HF T5 of our backbone `params`, the adapter
+  directory written from our export (`peft_export`) to a temporary directory; the adapter's parameters
+  (every parameter the backbone did not have) are made trainable, its backbone's stay frozen. (PEFT
+  refuses `is_trainable=True` for prompt learning adapters.)"""
   import peft  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
   from prompt_mix.t5 import hf_checkpoint  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(os.cpu_count())
+  adapter_config, tensors = adapter
   hf = hf_checkpoint.hf_t5_model(config, params)
-  if method == "prompt_tuning":
-    peft_config = peft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=FLAGS.prompt)
-  elif method == "lora":
-    peft_config = peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=FLAGS.rank, lora_alpha=FLAGS.rank,
-                                  lora_dropout=0.0, target_modules=["q", "v"])
-  else:
-    raise ValueError(f"--compare-peft has no HF PEFT counterpart for {method!r} (only {PEFT_METHODS})")
-  wrapped = peft.get_peft_model(hf, peft_config)
+  with tempfile.TemporaryDirectory() as adapter_dir:
+    with open(os.path.join(adapter_dir, export_formats.ADAPTER_CONFIG_FILE), "w") as f:
+      json.dump(adapter_config, f)
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                os.path.join(adapter_dir, export_formats.ADAPTER_WEIGHTS_FILE),
+                                metadata={"format": "pt"})
+    backbone = {id(p) for p in hf.parameters()}
+    wrapped = peft.PeftModel.from_pretrained(hf, adapter_dir)
+  for p in wrapped.parameters():
+    p.requires_grad_(id(p) not in backbone)
+  return wrapped
+
+
+def peft_logits_error(setup: Setup, wrapped) -> float:
+  """max |theirs - ours| / max |ours| of the logits on the setup's batch (eval mode, no dropout)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  batch = setup.batch
+  ours = np.asarray(jax.jit(setup.model.logits)(setup.variables, batch), np.float32)
+  enc = np.asarray(batch["encoder_input_tokens"])
+  wrapped.eval()
+  with torch.no_grad():
+    theirs = wrapped(input_ids=torch.tensor(enc).long(), attention_mask=torch.tensor(enc > 0).long(),
+                     decoder_input_ids=torch.tensor(np.asarray(batch["decoder_input_tokens"])).long()).logits
+  return float(np.abs(theirs.numpy() - ours).max() / np.abs(ours).max())
+
+
+def peft_trainer(config, params, adapter: tuple[dict, dict]) -> PeftTrainer:
+  """HF PEFT's model, built from our export of the method (`peft_model`), and its optimizer, on our
+  backbone weights: PyTorch CPU, threads = cores."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(os.cpu_count())
+  wrapped = peft_model(config, params, adapter)
   wrapped.train()
   trainable = [p for p in wrapped.parameters() if p.requires_grad]
   if FLAGS.optimizer == "adafactor":
@@ -480,25 +514,23 @@ def peft_trainer(method: str, config, params) -> PeftTrainer:
   return PeftTrainer(wrapped, optimizer, trainable)
 
 
-def bench_peft(method: str, config, params, batch: dict, steps: int, warmup: int) -> dict:
-  """HF PEFT on the same backbone weights and shapes: PyTorch CPU, threads = cores."""
+def bench_peft(setup: Setup, config, adapter: tuple[dict, dict], steps: int, warmup: int) -> dict:
+  """HF PEFT on the same backbone weights, method and shapes: PyTorch CPU, threads = cores."""
   import peft  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  trainer = peft_trainer(method, config, params)
-  wrapped, trainable = trainer.wrapped, trainer.trainable
-  kwargs = PeftTrainer.kwargs(batch)
-
-  def step():
-    return trainer.step(kwargs)
-
+  trainer = peft_trainer(config, setup.variables["params"], adapter)
+  logits_error = peft_logits_error(setup, trainer.wrapped)
+  kwargs = PeftTrainer.kwargs(setup.batch)
+  trainer.wrapped.train()
   with RssSampler() as rss:
-    train = time_calls(step, steps, warmup)
-  wrapped.eval()
+    train = time_calls(lambda: trainer.step(kwargs), steps, warmup)
+  trainer.wrapped.eval()
   with torch.no_grad():
-    score = time_calls(lambda: wrapped(**kwargs).logits, steps, warmup)
+    score = time_calls(lambda: trainer.wrapped(**kwargs).logits, steps, warmup)
   return dict(train=train, score=score, rss_peak=rss.peak, rss_growth=rss.peak - rss.start,
               threads=torch.get_num_threads(), torch=torch.__version__, peft=peft.__version__,
-              trainable_params=sum(p.numel() for p in trainable))
+              trainable_params=sum(p.numel() for p in trainer.trainable),
+              peft_type=adapter[0].get("peft_type"), logits_rel_error=logits_error)
 
 
 # ------------------------------------------------------------------------------------------ workloads
@@ -595,9 +627,10 @@ def length_profile(config, method: str, b: int, m: int, t: int, library_dir: str
   for shape in {tuple(v.shape for v in batch.values()): batch for batch in bucketed}.values():
     ours_buckets(shape)  # Compile every bucket shape before timing.
   calls = {"fixed": cycling(ours_fixed, fixed), "buckets": cycling(ours_buckets, bucketed)}
-  with_peft = method in PEFT_METHODS and bool(deltas)
+  adapter = peft_export(setup)[0] if deltas else None
+  with_peft = adapter is not None
   if with_peft:
-    hf = peft_trainer(method, config, setup.variables["params"])
+    hf = peft_trainer(config, setup.variables["params"], adapter)
     hf_batches = [PeftTrainer.kwargs(batch) for batch in dynamic]
     hf.step(hf_batches[0])  # Warm-up.
     calls = {"fixed": calls["fixed"], "peft_dynamic": cycling(hf.step, hf_batches),
@@ -761,10 +794,14 @@ def run_point(method: str, b: int, m: int, library_dir: str) -> dict:
         f"{g['examples_per_s']:.1f} examples/s, {g['generated_tokens_per_s']:.1f} generated tokens/s, "
         f"{g['flops_needed'] / g['median_s'] / 1e9:.1f} GFLOP/s")
 
-  if FLAGS["mixed-task"].value and method == "prompt_tuning" and m:
-    mixed = mixed_task(config, b, n, m, t)
+  if FLAGS["mixed-task"].value and not deltas:
+    say("mixed-task comparison skipped: the plain backbone has no bank")
+  elif FLAGS["mixed-task"].value and "NUM_TASKS" not in methods.macros(method):
+    say(f"mixed-task comparison skipped: {method}'s gin file binds no NUM_TASKS (no bank of per-task leaves)")
+  elif FLAGS["mixed-task"].value:
+    mixed = mixed_task(config, method, b, n, m, t, library_dir)
     results["mixed_task"] = mixed
-    say("mixed-task batch (8-prompt bank, task_ids 0..7) vs single-task batch (one prompt), interleaved:")
+    say("mixed-task batch (a bank of 8, NUM_TASKS = 8, task_ids 0..7) vs single-task batch, interleaved:")
     for kind in ("train", "score"):
       one, bank = mixed["single"][kind]["median_s"], mixed["bank"][kind]["median_s"]
       say(f"  {kind:<6} single {1000 * one:.1f} ms, bank {1000 * bank:.1f} ms: bank/single "
@@ -807,16 +844,19 @@ def run_point(method: str, b: int, m: int, library_dir: str) -> dict:
         f"(median per-round ratio); largest score difference {rk['max_score_difference']:.2e}")
 
   if FLAGS["compare-peft"].value:
-    if method not in PEFT_METHODS or not deltas:
-      say(f"--compare-peft: no HF PEFT counterpart for {method} (have {PEFT_METHODS})")
+    adapter, reason = peft_export(setup)
+    if adapter is None:
+      results["peft"] = dict(unavailable=reason)
+      say(f"--compare-peft: {method} has no HF PEFT counterpart: {reason}")
     else:
-      p = bench_peft(method, config, setup.variables["params"], batch, FLAGS.steps, FLAGS.warmup)
+      p = bench_peft(setup, config, adapter, FLAGS.steps, FLAGS.warmup)
       results["peft"] = p
       needed = results["train"]["flops_needed"] if "train" in results else (
           flops_lib.train_step_flops(config, deltas, b, n, t).total)
       pt = p["train"]["median_s"]
-      say(f"HF PEFT (torch {p['torch']}, peft {p['peft']}, {p['threads']} threads), "
-          f"{p['trainable_params']:,} trainable parameters:")
+      say(f"HF PEFT (torch {p['torch']}, peft {p['peft']}, {p['threads']} threads), our export loaded as "
+          f"its {p['peft_type']} adapter, {p['trainable_params']:,} trainable parameters; its logits differ "
+          f"from ours by {p['logits_rel_error']:.1e} (relative):")
       say(f"  train {1000 * pt:.1f} ms/step (median of {len(p['train']['times_s'])}; min "
           f"{1000 * p['train']['min_s']:.1f}), {b * (n + t) / pt:.0f} tokens/s, "
           f"{needed / pt / 1e9:.1f} GFLOP/s = {100 * needed / pt / rate:.0f}% of matmul; peak RSS "
@@ -832,19 +872,19 @@ def run_point(method: str, b: int, m: int, library_dir: str) -> dict:
   return results
 
 
-def mixed_task(config, b: int, n: int, m: int, t: int) -> dict:
-  """Mixed-task batches, with a bank of 8 prompts (task_ids 0..7 cycled over the batch). Two comparisons,
-  each timed interleaved:
+def mixed_task(config, method: str, b: int, n: int, m: int, t: int, library_dir: str) -> dict:
+  """Mixed-task batches, with a bank of 8 (NUM_TASKS = 8, task_ids 0..7 cycled over the batch) of
+  `method`'s per-task leaves. Two comparisons, each timed interleaved:
 
-  - 'bank' vs 'single': training and scoring with the bank against one prompt on the same shapes (does the
-    per-example gather cost anything?);
+  - 'bank' vs 'single': training and scoring with the bank against the single-task method (NUM_TASKS as
+    its gin file has it) on the same shapes (does the per-example gather cost anything?);
   - serving: the mixed batch scored and greedily decoded in one call each, against the same examples
     served task by task (8 calls on the B/8 examples of each task), as a server without mixed-task
     batches must do.
   """
   setups, steps, scores = {}, {}, {}
   for name, num_tasks in (("single", None), ("bank", 8)):
-    deltas = make_deltas("prompt_tuning", m, n, t, config.emb_dim, None, num_tasks=num_tasks)
+    deltas = make_deltas(method, m, n, t, config.emb_dim, library_dir, num_tasks=num_tasks)
     batch = make_batch(b, n, t, config.vocab_size, task_ids=None if num_tasks is None else
                        np.arange(b) % num_tasks)
     setups[name] = setup = build(config, deltas, batch, eos_id=-1)
@@ -933,4 +973,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=lambda argv: app.parse_flags_with_usage(gin_utils.rewrite_gin_args(argv)))

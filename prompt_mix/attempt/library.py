@@ -189,6 +189,37 @@ class PromptLibrary:
       f.write(text)
 
 
+SCRATCH_NOTE = "scratch: random prompt, carries no information"
+
+
+def write_scratch_library(path: str, names: Sequence[str], shape: Sequence[int], seed: int = 0,
+                          scale: float = 0.5) -> PromptLibrary:
+  """A library of random prompts U(-scale, scale) of `shape` [m, d] under `names`, at `path`.
+
+  For tools and tests that build a method reading a prompt library (its gin file needs PROMPT_LIBRARY)
+  without a user's library: to count its parameters, time its step or train it on toy data. The prompts
+  carry no information. A name the library already holds is kept as it is (so a call per method may
+  share one directory); a library holding prompts of another shape is an error naming both shapes.
+
+  Returns:
+    The library.
+  """
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != 2 or min(shape) < 1:
+    raise ValueError(f"write_scratch_library: shape must be [m, d] with m, d >= 1, got {list(shape)}")
+  library = PromptLibrary(path)
+  held = library.prompt_shape
+  if held is not None and tuple(held) != shape:
+    raise ValueError(f"{library.manifest_path}: the library holds prompts of shape {tuple(held)}; scratch "
+                     f"prompts of shape {shape} cannot join it (use another directory)")
+  rng = np.random.RandomState(seed)
+  for name in names:
+    array = rng.uniform(-scale, scale, shape).astype(np.float32)
+    if name not in library:
+      library.add(name, array, backbone="scratch", task=name, note=SCRATCH_NOTE)
+  return library
+
+
 def _validate_manifest(manifest: Any, path: str) -> list[dict]:
   """Checks the manifest structure; returns its entries. Errors name `path` and the offending entry."""
   if not isinstance(manifest, dict):

@@ -158,6 +158,19 @@ class AdapterModule(nn.Module):
       h = h * jnp.asarray(self.scale, h.dtype)
     return y + jnp.asarray(h, y.dtype)
 
+  def flops(self, counter, site: plugins.Site, rows: float, dep_x: float, dep_normed: float,
+            dep_y: float) -> float:
+    """FLOPs of `down` and `up` (`prompt_mix/flops.py`); dX of the bottleneck's input where it depends.
+    Every output row depends."""
+    del dep_x
+    d = site.d_model
+    dep_in = dep_normed if self.parallel else dep_y
+    counter.matmul(f"{site.where}/adapter_down", "method", counter.batch, rows, d, self.bottleneck,
+                   counter.rows(dep_in, rows), True)
+    counter.matmul(f"{site.where}/adapter_up", "method", counter.batch, rows, self.bottleneck, d, rows,
+                   True)
+    return rows
+
 
 @dataclasses.dataclass(frozen=True)
 class _Adapter(plugins.Delta):

@@ -131,6 +131,11 @@ class InputPrompt(nn.Module):
     del embedded, mask
     return _prompt_rows(self, ctx)
 
+  def flops(self, counter, site: plugins.Site, tokens: float) -> tuple[int, int]:
+    """No matmul (`prompt_mix/flops.py`); the m prepended rows are trainable."""
+    del counter, site, tokens
+    return self.length, self.length
+
 
 class DeepPrompt(nn.Module):
   """Input prompt `P^j [m, d]` of layer j >= 1: replaces the rows at the layer's input (`hidden_rows`)."""
@@ -146,6 +151,12 @@ class DeepPrompt(nn.Module):
     del x
     return _prompt_rows(self, ctx)
 
+  def flops(self, counter, site: plugins.Site, rows: float, dep: float) -> float:
+    """No matmul (`prompt_mix/flops.py`); the m replaced rows now depend (on top of the leading rows
+    that already do, unless every row does)."""
+    del counter, site
+    return rows if dep >= rows else min(rows, dep + self.length)
+
 
 class ZeroRows(nn.Module):
   """Placeholder rows `[B, m, d]` of zeros at the stack input when layer 0 is not chosen (no parameters)."""
@@ -155,6 +166,11 @@ class ZeroRows(nn.Module):
   def __call__(self, embedded: Array, mask: Array, ctx: plugins.Context) -> Array:
     del mask, ctx
     return jnp.zeros((embedded.shape[0], self.length, embedded.shape[-1]), embedded.dtype)
+
+  def flops(self, counter, site: plugins.Site, tokens: float) -> tuple[int, int]:
+    """No matmul (`prompt_mix/flops.py`); m rows, none of them trainable."""
+    del counter, site, tokens
+    return self.length, 0
 
 
 class HideRows(nn.Module):
@@ -169,6 +185,11 @@ class HideRows(nn.Module):
     term = jnp.where(rows, t5_layers.NEG_INF, 0.0).astype(jnp.float32)
     return jnp.broadcast_to(term[None, None, None, :], (1, q.shape[2], q_positions.shape[0],
                                                         k_positions.shape[0]))
+
+  def flops(self, counter, site: plugins.Site, tq: float, tk: float) -> bool:
+    """A constant mask (`prompt_mix/flops.py`): no matmul, no trainable term."""
+    del counter, site, tq, tk
+    return False
 
 
 class QueryKeyPrompt(nn.Module):
@@ -203,6 +224,14 @@ class QueryKeyPrompt(nn.Module):
     pk = self._at(key, k_positions, ctx, h)  # [1 or B, k, h, l]
     return jnp.einsum("bqhl,bkhl->bhqk", pq, pk)
 
+  def flops(self, counter, site: plugins.Site, tq: float, tk: float) -> bool:
+    """einsum('bqhl,bkhl->bhqk') with b = 1, or B with a tasks axis (`prompt_mix/flops.py`); the term is
+    trainable, so every score depends."""
+    copies = counter.batch if self.num_tasks else 1
+    counter.matmul(f"{site.where}/qk_prompt", "method", copies * site.num_heads, tq, self.length, tk, tq,
+                   True)
+    return True
+
   def _at(self, table: Array, positions: Array, ctx: plugins.Context, h: int) -> Array:
     """Rows of `table [(T,) N, h*l]` at `positions [p]` (zero at positions >= N) -> [1 or B, p, h, l]."""
     n = table.shape[-2]
@@ -235,6 +264,11 @@ class KeyValuePrompt(nn.Module):
       table = tasks_lib.per_example(table, ctx, self.num_tasks)  # [B, l, h*dk]
       out.append(table.reshape((table.shape[0], self.length, h, dk)))
     return out[0], out[1]
+
+  def flops(self, counter, site: plugins.Site, tq: float, tk: float) -> int:
+    """No matmul (`prompt_mix/flops.py`); returns the l_kv extra (trainable) keys."""
+    del counter, site, tq, tk
+    return self.length
 
 
 # ------------------------------------------------------------------------------------------ the delta

@@ -315,6 +315,36 @@ class AttemptPrompt(nn.Module):
         rows = rows + (1.0 + weights[:, t, None, None]) * target
     return rows
 
+  def flops(self, counter, site: plugins.Site, tokens: float) -> tuple[int, int]:
+    """FLOPs of the gate G, the attention scores and the mixture (`prompt_mix/flops.py`); the sources
+    are frozen. Returns the m prepended rows, all of which depend on the trainable leaves."""
+    del tokens
+    cfg = self.delta
+    b, d, m = counter.batch, site.d_model, cfg.prompt_length
+    t = len(cfg.source_names)
+    where = f"{site.stack}/{self.name}"
+    if not cfg.constant_attention:
+      r = cfg.bottleneck
+      counter.matmul(f"{where}/gate/w_down", "method", 1, b, d, r, 0, True)  # The pooled input is frozen.
+      counter.matmul(f"{where}/gate/w_up", "method", 1, b, r, d, b, True)
+      if cfg.per_token:
+        if t:  # einsum('jmd,bd->bmj', sources, z)
+          counter.matmul(f"{where}/scores", "method", 1, b, d, t * m, b, False)
+        if cfg.use_target:  # einsum('bmd,bd->bm', target, z)
+          counter.matmul(f"{where}/target_score", "method", b, m, d, 1, m, True)
+      else:
+        if t:  # einsum('jd,bd->bj', pooled sources, z)
+          counter.matmul(f"{where}/scores", "method", 1, b, d, t, b, False)
+        if cfg.use_target:  # einsum('bd,bd->b', pooled target, z)
+          counter.matmul(f"{where}/target_score", "method", b, 1, d, 1, 1, True)
+    if t:  # The mixture of the frozen sources; its weights depend unless the attention is constant.
+      weights_dep = 0 if cfg.constant_attention else b
+      if cfg.per_token:  # einsum('bmj,jmd->bmd')
+        counter.matmul(f"{where}/mixture", "method", m, b, t, d, weights_dep, False)
+      else:  # einsum('bj,jmd->bmd')
+        counter.matmul(f"{where}/mixture", "method", 1, b, t, m * d, weights_dep, False)
+    return m, m
+
 
 # ------------------------------------------------------------------------------------------ outputs
 def attention_weights(intermediates: Mapping[str, Any]) -> Array:

@@ -67,6 +67,11 @@ class BiasModule(nn.Module):
       bias = tasks_lib.per_example(bias, ctx, self.num_tasks)[:, None, :]
     return y + bias
 
+  def flops(self, counter, site: plugins.Site, rows: float, dep_x: float, dep_y: float) -> float:
+    """A bias adds no matmul (`prompt_mix/flops.py`), but every output row now depends on it."""
+    del counter, site, dep_x, dep_y
+    return rows
+
 
 GROUPS = {
     "dense": lora_lib.PROJECTIONS,

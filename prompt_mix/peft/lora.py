@@ -100,6 +100,16 @@ class LoraModule(nn.Module):
       h = jnp.einsum("bnr,bro->bno", jnp.einsum("bni,bir->bnr", x, a), b)
     return y + jnp.asarray(h * jnp.asarray(self.scale, h.dtype), y.dtype)
 
+  def flops(self, counter, site: plugins.Site, rows: float, dep_x: float, dep_y: float) -> float:
+    """FLOPs of s * (x a) b (`prompt_mix/flops.py`): dA, d(xa), dB always, dX where x depends; every
+    output row depends."""
+    del dep_y
+    counter.matmul(f"{site.where}/lora_a", "method", counter.batch, rows, site.in_features, self.rank,
+                   counter.rows(dep_x, rows), True)
+    counter.matmul(f"{site.where}/lora_b", "method", counter.batch, rows, self.rank, site.out_features,
+                   rows, True)
+    return rows
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)

@@ -189,6 +189,20 @@ class PrefixKV(nn.Module):
       values = param("value", _normal, (l, h, dk), FLAT_AXES)
     return tasks_lib.per_example(keys, ctx, n), tasks_lib.per_example(values, ctx, n)
 
+  def flops(self, counter, site: plugins.Site, tq: float, tk: float) -> int:
+    """FLOPs of this site's MLP `tanh(P' W_i + b_i) W_o + b_o` for every task of a bank (once per step:
+    it does not depend on the batch), `prompt_mix/flops.py`; returns the l extra keys."""
+    del tq, tk
+    delta = self.delta
+    if delta.reparameterize:
+      tasks = delta.num_tasks or 1
+      d_emb = delta.prefix_embed_dim or site.d_model
+      counter.matmul(f"{site.where}/prefix_mlp_wi", "method", tasks, delta.length, d_emb,
+                     delta.mlp_hidden, delta.length, True)
+      counter.matmul(f"{site.where}/prefix_mlp_wo", "method", tasks, delta.length, delta.mlp_hidden,
+                     2 * site.num_heads * site.head_dim, delta.length, True)
+    return delta.length
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)

@@ -172,6 +172,11 @@ class PromptRows(nn.Module):
     prompt = tasks_lib.peft_param(self, "prompt", init, (m, d), PROMPT_AXES, num_tasks)
     return tasks_lib.per_example(prompt, ctx, num_tasks)
 
+  def flops(self, counter, site: plugins.Site, tokens: float) -> tuple[int, int]:
+    """No matmul (`prompt_mix/flops.py`); the m prepended rows are trainable."""
+    del counter, site, tokens
+    return self.delta.length, self.delta.length
+
 
 # ------------------------------------------------------------------------------------------ delta
 @gin.configurable
