@@ -150,6 +150,18 @@ class PrefixState(nn.Module):
   def __call__(self, ctx: plugins.Context) -> dict:
     return {kind: self.mlps[kind](ctx) for kind, _ in self.layers}
 
+  def flops(self, counter, site: plugins.Site) -> None:
+    """FLOPs of each kind's shared MLP, once per stack and step for every task of a bank
+    (`prompt_mix/flops.py`): `P' W_i` and `tanh(.) W_o` with W_o emitting the L chosen layers."""
+    delta = self.delta
+    tasks, l, hid = delta.num_tasks or 1, delta.length, delta.mlp_hidden
+    d_emb = delta.prefix_embed_dim or site.d_model
+    for kind, chosen in self.layers:
+      where = f"{site.stack}/{delta.name}/{kind}"
+      counter.matmul(f"{where}/prefix_mlp_wi", "method", tasks, l, d_emb, hid, l, True)
+      counter.matmul(f"{where}/prefix_mlp_wo", "method", tasks, l, hid,
+                     len(chosen) * 2 * self.num_heads * self.head_dim, l, True)
+
 
 class PrefixKV(nn.Module):
   """The prefix of one attention site: its own leaves, or its slice of the stack's shared MLP output.
@@ -194,7 +206,7 @@ class PrefixKV(nn.Module):
     it does not depend on the batch), `prompt_mix/flops.py`; returns the l extra keys."""
     del tq, tk
     delta = self.delta
-    if delta.reparameterize:
+    if delta.reparameterize and self.slot is None:  # The per-site MLP; a shared one is the stack's.
       tasks = delta.num_tasks or 1
       d_emb = delta.prefix_embed_dim or site.d_model
       counter.matmul(f"{site.where}/prefix_mlp_wi", "method", tasks, delta.length, d_emb,
