@@ -415,8 +415,9 @@ def read_peft_adapter(directory: PathLike) -> tuple[dict, dict[str, np.ndarray]]
 
 def _reader(peft_type: Any, source: str) -> type:
   """The Delta class that reads HF PEFT adapters of `peft_type` (it declares it in `peft_types`)."""
+  from prompt_mix import methods  # pylint: disable=g-import-not-at-top
   readers = {}
-  for cls in _delta_classes():
+  for cls in methods.delta_classes():
     for name in cls.__dict__.get("peft_types", ()):
       readers.setdefault(name, []).append(cls)
   if peft_type not in readers:
@@ -425,21 +426,6 @@ def _reader(peft_type: Any, source: str) -> type:
   if len(readers[peft_type]) > 1:
     raise ValueError(f"peft_type {peft_type!r} is claimed by {[c.__name__ for c in readers[peft_type]]}")
   return readers[peft_type][0]
-
-
-def _delta_classes() -> list[type]:
-  """Every `Delta` subclass defined in the modules of `prompt_mix.peft` (importing them)."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  import pkgutil  # pylint: disable=g-import-not-at-top
-  import prompt_mix.peft  # pylint: disable=g-import-not-at-top
-  found = []
-  for info in pkgutil.iter_modules(prompt_mix.peft.__path__):
-    module = importlib.import_module(f"prompt_mix.peft.{info.name}")
-    for obj in vars(module).values():
-      if (isinstance(obj, type) and issubclass(obj, plugins.Delta) and obj.__module__ == module.__name__
-          and obj not in found):
-        found.append(obj)
-  return found
 
 
 def peft_adapter_delta_and_tree(directory: PathLike, config: T5Config, *, name: Optional[str] = None,
