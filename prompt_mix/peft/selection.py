@@ -79,7 +79,11 @@ def check_stacks(stacks: Any, what: str) -> tuple[str, ...]:
 
 def site_kinds(sublayers: Sequence[str], what: str, allowed: Sequence[str] = tuple(SUBLAYERS)) -> frozenset:
   """The `Site.kind`s that the user-facing `sublayers` names select (table in the module docstring)."""
-  check_names(sublayers, allowed, what, "attention" if tuple(allowed) == ATTENTIONS else "sublayer")
+  attentions_only = tuple(allowed) == ATTENTIONS
+  if attentions_only and "mlp" in (sublayers or ()):
+    raise ValueError(f"{what}: unknown attention 'mlp' ('mlp' is not an attention: a method that acts at "
+                     f"the MLP says so with its own fields); choose from {tuple(allowed)}")
+  check_names(sublayers, allowed, what, "attention" if attentions_only else "sublayer")
   kinds = frozenset()
   for name in sublayers:
     kinds |= SUBLAYERS[name]
