@@ -47,6 +47,7 @@ BEGIN, END = "<!-- param_table:begin -->", "<!-- param_table:end -->"
 # Further rows: (method, macro bindings, note). Bindings only: a row never names a class.
 VARIANTS: Sequence[tuple[str, tuple[str, ...], str]] = (
     ("prompt_tuning", ("PROMPT_LENGTH = 20",), ""),
+    ("prefix_tuning", ("PREFIX_REPARAMETERIZATION = 'per_site'",), "one MLP per attention site"),
     ("p_tuning_v2", ("PROMPT_LENGTH = 10",), "as prefix tuning's l = 10 baked for inference"),
     ("p_tuning_v2", ("PROMPT_LENGTH = 100",), ""),
     ("attempt_m", ("NUM_TASKS = 9",), "9 target prompts and the shared gate, all counted"),
