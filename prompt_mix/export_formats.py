@@ -13,7 +13,7 @@ save_npy(peft, DIR)            DIR/manifest.json                      {format, v
 save_safetensors(peft, FILE)   FILE: key = path, metadata {'format': 'prompt_mix.peft', 'method': ...}
 ```
 
-The `.npy` of a prompt-tuning leaf is exactly what `PromptTuning(init='file', init_file=...)` reads
+The `.npy` of a prompt-tuning leaf is exactly what prompt tuning's `init='file'` reads
 ([m, d], or [N, m, d] for a bank), so an exported prompt initializes a new run (SPoT transfer);
 `export_prompt_npy` writes that one array alone (one task of a bank with `task_index`).
 
@@ -293,14 +293,14 @@ def _task_slice(value: np.ndarray, path: str, num_tasks: Optional[int], task_ind
 
 def export_prompt_npy(peft: Any, path: PathLike, name: str = "prompt_tuning", stack: str = "encoder",
                       task_index: Optional[int] = None) -> str:
-  """Writes the prompt `peft/<stack>/<name>/prompt` as the `.npy` that `PromptTuning(init='file')` reads.
+  """Writes the prompt `peft/<stack>/<name>/prompt` as the `.npy` that prompt tuning's `init='file'` reads.
 
   Args:
     peft: the `peft` tree (or variables holding one).
     path: the `.npy` file to write (atomically).
-    name / stack: `PromptTuning.name` and `.stack`.
+    name / stack: the prompt delta's `name` and `stack`.
     task_index: for a bank `[N, m, d]`, write row `task_index` as `[m, d]`; None writes the leaf as is
-      (`[m, d]`, or `[N, m, d]`, which `PromptTuning(init='file', num_tasks=N)` reads).
+      (`[m, d]`, or `[N, m, d]`, which a bank of N prompts with `init='file'` reads).
   Returns:
     The path written.
   """
@@ -464,7 +464,7 @@ def load_peft_adapter(directory: PathLike, config: Optional[T5Config] = None, *,
   """The `peft` tree (numpy) of an HF PEFT adapter of a T5, e.g. one trained in PyTorch.
 
   The method that declares the adapter's `peft_type` reads it (see each method's `from_peft`: prompt
-  tuning reads PROMPT_TUNING and P_TUNING, LoRA reads LORA, prefix tuning reads PREFIX_TUNING only with
+  tuning reads PROMPT_TUNING and P_TUNING, low-rank adaptation LORA, prefix tuning PREFIX_TUNING only with
   `approximate_prefix=True`). With `config`, the tree is checked against the delta's shapes on it.
   Raises:
     ValueError naming the file and field for anything without an exact counterpart.

@@ -40,7 +40,7 @@ class LayerNorm(nn.Module):
 
   Attributes:
     site: the plug-in site of this norm (its `projection` is the norm's name); the `projection` hooks
-      there wrap the output (e.g. BitFit's bias). None: no plug-ins.
+      there wrap the output (e.g. a trainable bias). None: no plug-ins.
   """
 
   epsilon: float = 1e-6

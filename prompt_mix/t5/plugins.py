@@ -313,7 +313,7 @@ def num_tasks(deltas: Deltas) -> Optional[int]:
 
 
 def describe(deltas: Deltas) -> str:
-  """A short name of a method for tables and errors, e.g. 'PromptTuning+LoRA'."""
+  """A short name of a method for tables and errors: its deltas' class names joined by '+'."""
   return "+".join(type(d).__name__ for d in deltas) or "backbone"
 
 
