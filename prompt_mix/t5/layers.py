@@ -253,7 +253,12 @@ class Attention(nn.Module):
                                                          cache_index, relpos)
 
     logit_dtype = jnp.float32 if cfg.float32_attention_logits else cfg.dtype
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logit_dtype)
+    # The products run on head-major copies [B, h, n, d_kv]: XLA's CPU batched matmuls take several times
+    # as long on the [B, n, h, d_kv] layout (its batch axes are not leading), and the two transposes are
+    # cheap. The plug-in hooks still see q and k in their natural [B, n, h, d_kv] shapes.
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+    qh, kh, vh = heads_first(q), heads_first(k), heads_first(v)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=logit_dtype)
     logits = logits.astype(logit_dtype)
     if mask is not None:
       logits = logits + jnp.where(mask, 0.0, NEG_INF).astype(logit_dtype)
@@ -264,21 +269,21 @@ class Attention(nn.Module):
 
     extra_k, extra_v = plugins.extra_kv(self.deltas, self.site, q, ctx)
     if extra_k is not None:
-      extra_logits = jnp.einsum("bqhd,blhd->bhql", q, extra_k.astype(q.dtype),
+      extra_logits = jnp.einsum("bhqd,bhld->bhql", qh, heads_first(extra_k).astype(q.dtype),
                                 preferred_element_type=logit_dtype).astype(logit_dtype)
       logits = jnp.concatenate([extra_logits, logits], axis=-1)
-      v = jnp.concatenate([extra_v.astype(v.dtype), v], axis=1)
+      vh = jnp.concatenate([heads_first(extra_v).astype(v.dtype), vh], axis=2)
 
     # softmax(logits) @ v, normalized after the mixing: exp(logits - max) @ v / sum(exp(logits - max)).
-    # The division then runs on [B, q, h, d_kv] instead of the weights [B, h, q, k], which saves passes
+    # The division then runs on [B, h, q, d_kv] instead of the weights [B, h, q, k], which saves passes
     # over the largest activation of the layer forward and backward (dropout commutes with the scaling).
     # The dropout mask is shared by all queries (T5X's `dot_product_attention` broadcasts it over q).
     unnormalized = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     denominator = jnp.sum(unnormalized, axis=-1)  # [B, h, q]
     weights = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(unnormalized.astype(cfg.dtype),
                                                                       deterministic=ctx.deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(cfg.dtype), preferred_element_type=logit_dtype)
-    out = (out / jnp.swapaxes(denominator, 1, 2)[..., None]).astype(cfg.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, vh.astype(cfg.dtype), preferred_element_type=logit_dtype)
+    out = heads_first((out / denominator[..., None]).astype(cfg.dtype))  # [B, q, h, d_kv]
     out = out.reshape(out.shape[:2] + (h * dk,))
     return dense("out", h * dk, d, ("joined_kv", "embed"))(out, ctx)
 
