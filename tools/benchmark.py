@@ -533,6 +533,18 @@ def bench_peft(setup: Setup, config, adapter: tuple[dict, dict], steps: int, war
               peft_type=adapter[0].get("peft_type"), logits_rel_error=logits_error)
 
 
+def versus_peft(setup: Setup, config, adapter: tuple[dict, dict], steps: int, warmup: int) -> dict:
+  """Our training step and HF PEFT's on the same batch, timed round-robin (`interleaved`); the ratio is
+  the median over rounds of PEFT's time / ours."""
+  ours = train_step_fn(setup)
+  trainer = peft_trainer(config, setup.variables["params"], adapter)
+  kwargs = PeftTrainer.kwargs(setup.batch)
+  trainer.wrapped.train()
+  timings = interleaved({"ours": lambda: ours(setup.batch), "peft": lambda: trainer.step(kwargs)}, steps,
+                        warmup)
+  return dict(ours=timings["ours"], peft=timings["peft"], peft_over_ours=timings["paired_ratio"]["peft"])
+
+
 # ------------------------------------------------------------------------------------------ workloads
 # Approximate length profiles of real tasks in T5 SentencePiece tokens (EOS included): the median and 95th
 # percentile of the encoder input, and the range of target lengths (label word + EOS). Approximations for
@@ -863,7 +875,15 @@ def run_point(method: str, b: int, m: int, library_dir: str) -> dict:
           f"{gib(p['rss_peak'])} (+{gib(p['rss_growth'])} during its steps)")
       say(f"  score {1000 * p['score']['median_s']:.1f} ms/batch")
       if "train" in results:
-        say(f"  ours vs HF PEFT: train step {pt / results['train']['median_s']:.2f}x faster")
+        say(f"  ours vs HF PEFT: train step {pt / results['train']['median_s']:.2f}x faster (timed one after "
+            "the other)")
+        vs = versus_peft(setup, config, adapter, FLAGS.steps, FLAGS.warmup)
+        results["versus_peft"] = vs
+        floor = results["train"].get("profile", {}).get("matmul_floor", {}).get("seconds")
+        say(f"  interleaved round-robin: ours {1000 * vs['ours']['median_s']:.1f} ms, HF PEFT "
+            f"{1000 * vs['peft']['median_s']:.1f} ms: ours {vs['peft_over_ours']:.2f}x faster (median of the "
+            "per-round ratios)" + (f"; ours = {vs['ours']['median_s'] / floor:.2f}x the matmul floor"
+                                   if floor else ""))
       if "score" in results:
         say(f"  ours vs HF PEFT: scoring {p['score']['median_s'] / results['score']['median_s']:.2f}x "
             "faster")
