@@ -8,6 +8,7 @@ parsing, and one-line errors for what a user got wrong.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from typing import Any, Callable, Sequence
 
@@ -44,8 +45,33 @@ REGISTERED_MODULES = (
     "prompt_mix_tasks",
 )
 
-# Errors that mean the configuration or the inputs are wrong: reported in one line, no traceback.
-USER_ERRORS = (gin_utils.GinConfigError, ValueError, FileNotFoundError, FloatingPointError, KeyError)
+# Errors that mean the configuration, the inputs or the filesystem are wrong: reported as one FATAL block
+# (the whole message, continuation lines indented), no traceback. OSError covers a missing file, a read-only
+# MODEL_DIR, a full disk.
+USER_ERRORS = (gin_utils.GinConfigError, ValueError, OSError, FloatingPointError, KeyError)
+# A message longer than this many lines is cut (the traceback at --verbosity=1 has it all).
+MAX_FATAL_LINES = 200
+# gin appends "In call to configurable 'train' (<function train at 0x...>)" to errors raised inside a
+# configurable: noise for the user, dropped from the FATAL block.
+_GIN_CONTEXT = re.compile(r"^\s*In call to configurable '[^']*' \(<.*>\)$")
+
+
+def fatal_message(e: BaseException) -> str:
+  """`FATAL: <Type>: <first line>` then every further line of the message, indented: one block.
+
+  The whole message is kept (a checkpoint error lists every mis-shaped leaf on its own line); only lines
+  beyond `MAX_FATAL_LINES` are cut.
+  """
+  text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e  # KeyError's str() is a repr.
+  lines = [line.rstrip() for line in str(text).strip().splitlines()
+           if line.strip() and not _GIN_CONTEXT.match(line)]
+  if not lines:
+    lines = [type(e).__name__]
+  if len(lines) > MAX_FATAL_LINES:
+    lines = lines[:MAX_FATAL_LINES] + [f"... {len(lines) - MAX_FATAL_LINES} more lines"]
+  rest = [line if line.startswith((" ", "\t")) else "  " + line for line in lines[1:]]
+  return "\n".join([f"FATAL: {type(e).__name__}: {lines[0]}", *rest,
+                    "  (--verbosity=1 shows the traceback)"])
 
 
 def prepare() -> None:
@@ -72,7 +98,6 @@ def run(entry: Callable[[], Any]) -> None:
       raise
     except USER_ERRORS as e:
       logging.debug("Traceback of the error below:", exc_info=True)
-      message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      sys.exit(f"FATAL: {type(e).__name__}: {message}  (--verbosity=1 shows the traceback)")
+      sys.exit(fatal_message(e))
 
   gin_utils.run(main)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from absl import logging
@@ -26,9 +27,45 @@ from prompt_mix.attempt import interpret
 from prompt_mix.data import feature_converter as feature_converter_lib
 from prompt_mix.data import task_ids as task_ids_lib
 from prompt_mix.t5 import model as model_lib
+from prompt_mix.training import settings
 from prompt_mix.training import setup
 
 ATTENTION_KEY = "attention_weights"
+INFERENCE_DIR = "inference_eval"  # SeqIO's JSONLogger output under the evaluator's log_dir.
+# Files written once per evaluated step: ours under log_dir, SeqIO's predictions under inference_eval/.
+# SeqIO's `<task>-metrics.jsonl` (one line appended per evaluation) is kept whole: it is the history.
+_PER_STEP_FILES = (re.compile(r"^eval_metrics_(\d+)\.json$"), re.compile(r"^attention_(\d+)\.json$"))
+_PER_STEP_PREDICTIONS = re.compile(r"^.+-(\d{6,})\.jsonl$")
+
+
+def rotate_outputs(log_dir: str, keep: int) -> list[str]:
+  """Deletes the per-step evaluation files of all but the `keep` latest evaluated steps; returns them.
+
+  Per-step files are `eval_metrics_<step>.json`, `attention_<step>.json` and SeqIO's predictions
+  `inference_eval/<task>-<step>.jsonl`; the metric histories (`inference_eval/<task>-metrics.jsonl`,
+  TensorBoard) are never touched. Keeps disk use bounded over long runs, as checkpoints are.
+  """
+  found: dict[int, list[str]] = {}
+  places = ((log_dir, _PER_STEP_FILES), (os.path.join(log_dir, INFERENCE_DIR), (_PER_STEP_PREDICTIONS,)))
+  for directory, patterns in places:
+    if not os.path.isdir(directory):
+      continue
+    for name in os.listdir(directory):
+      for pattern in patterns:
+        match = pattern.match(name)
+        if match:
+          found.setdefault(int(match.group(1)), []).append(os.path.join(directory, name))
+  removed = []
+  for step in sorted(found)[:-keep]:
+    for path in found[step]:
+      try:
+        os.remove(path)
+        removed.append(path)
+      except FileNotFoundError:  # Another process rotated it first.
+        pass
+  if removed:
+    logging.info("Removed %d evaluation files of steps older than the %d latest", len(removed), keep)
+  return removed
 
 
 def pad_batch(features: Mapping[str, np.ndarray], batch_size: int) -> dict:
@@ -74,24 +111,27 @@ class Evaluator:
     log_dir: SeqIO writes per-task predictions and metrics under `<log_dir>/inference_eval`.
     decoder / num_decodes / alpha: generation settings of `predict_batch`.
     num_examples: cap on examples per task (None: all).
+    keep_outputs: keep the per-step files of this many latest evaluated steps (`rotate_outputs`); None
+      keeps all.
   """
 
   def __init__(self, model: model_lib.EncoderDecoderModel, mixture_or_task_name: str,
                converter: seqio.FeatureConverter, task_feature_lengths: Mapping[str, int],
                split: str = "validation", batch_size: int = 32, log_dir: Optional[str] = None,
                decoder: str = "greedy", num_decodes: int = 4, alpha: float = 0.6,
-               num_examples: Optional[int] = None):
+               num_examples: Optional[int] = None, keep_outputs: Optional[int] = None):
     self.model = model
+    self.keep_outputs = keep_outputs
     self._converter = converter
     self.batch_size = batch_size
     self.log_dir = log_dir
     loggers = (seqio.PyLoggingLogger,) + ((seqio.JSONLogger,) if log_dir else ())
     if log_dir:
-      os.makedirs(os.path.join(log_dir, "inference_eval"), exist_ok=True)
+      os.makedirs(os.path.join(log_dir, INFERENCE_DIR), exist_ok=True)
     self._evaluator = seqio.Evaluator(
         mixture_or_task_name, converter, eval_split=split, sequence_length=dict(task_feature_lengths),
         num_examples=num_examples, logger_cls=loggers,
-        log_dir=os.path.join(log_dir, "inference_eval") if log_dir else None,
+        log_dir=os.path.join(log_dir, INFERENCE_DIR) if log_dir else None,
         async_compute_metrics=False)
     self._predict = jax.jit(lambda v, b: model.predict_batch(
         v, b, decoder=decoder, num_decodes=num_decodes, alpha=alpha))
@@ -142,6 +182,8 @@ class Evaluator:
         json.dump(flat, f, indent=2)
       if self.last_attention:
         self._save_attention(step)
+      if self.keep_outputs and jax.process_index() == 0:
+        rotate_outputs(self.log_dir, self.keep_outputs)
     return flat
 
 
@@ -184,6 +226,10 @@ def evaluate(model_dir: str = gin.REQUIRED,
     decoder / num_decodes / alpha: 'greedy' or 'beam' generation (T5X length penalty alpha).
     output_dir: defaults to `<model_dir>/eval`.
   """
+  for name, value in (("batch_size", batch_size), ("num_decodes", num_decodes),
+                      ("num_partitions", num_partitions)):
+    settings.integer(value, "evaluate", name)
+  settings.feature_lengths(task_feature_lengths, "evaluate")
   seqio.get_mixture_or_task(mixture_or_task_name)  # A one-line error naming an unknown task.
   mesh = partitioning.make_mesh(num_partitions)
   shapes = feature_converter_lib.model_input_shapes(task_feature_lengths, batch_size)

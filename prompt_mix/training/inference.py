@@ -25,6 +25,7 @@ from prompt_mix.data import feature_converter as feature_converter_lib
 from prompt_mix.data import task_ids as task_ids_lib
 from prompt_mix.t5 import model as model_lib
 from prompt_mix.training import evaluation
+from prompt_mix.training import settings
 from prompt_mix.training import setup
 
 
@@ -67,6 +68,11 @@ def infer(model_dir: str = gin.REQUIRED,
   Args:
     output_file: defaults to `<model_dir>/infer/<mixture_or_task_name>-<split>-<step>.jsonl`.
   """
+  for name, value in (("batch_size", batch_size), ("num_decodes", num_decodes),
+                      ("num_partitions", num_partitions)):
+    settings.integer(value, "infer", name)
+  settings.integer(max_examples_per_task, "infer", "max_examples_per_task", allow_none=True)
+  settings.feature_lengths(task_feature_lengths, "infer")
   mixture = seqio.get_mixture_or_task(mixture_or_task_name)
   mesh = partitioning.make_mesh(num_partitions)
   shapes = feature_converter_lib.model_input_shapes(task_feature_lengths, batch_size)
