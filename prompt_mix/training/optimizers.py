@@ -15,6 +15,8 @@ import gin
 import jax.numpy as jnp
 import optax
 
+from prompt_mix.training import settings
+
 DECAYS = ("constant", "linear", "cosine", "rsqrt")
 
 
@@ -77,6 +79,10 @@ def make_optimizer(name: str = "adafactor", learning_rate: float = 0.3, warmup_s
       match wins) gets that rate with the same schedule shape, e.g. {'attention_gate': 0.1}.
     clip_grad_norm: clip the global gradient norm before the update.
   """
+  settings.number(learning_rate, "make_optimizer", "learning_rate")
+  settings.integer(warmup_steps, "make_optimizer", "warmup_steps", minimum=0)
+  if total_steps is not None:  # Bound to TRAIN_STEPS, which gin evaluates before `train` checks it.
+    settings.integer(total_steps, "make_optimizer", "total_steps")
   def tx_for(lr):
     schedule = make_schedule(lr, warmup_steps, decay, total_steps)
     return _base(name, schedule, weight_decay, adafactor_decay_rate, multiply_by_parameter_scale,

@@ -9,6 +9,7 @@ deep inside JAX or TF; here it is a one-line `ValueError` that names the setting
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Mapping, Optional
 
@@ -45,3 +46,13 @@ def feature_lengths(value: Any, configurable: str, parameter: str = "task_featur
     if isinstance(length, bool) or not isinstance(length, numbers.Integral) or int(length) < 1:
       raise ValueError(f"{name}[{key!r}] must be an integer >= 1, got {length!r} (in {name} = {value!r})")
   return dict(value)
+
+
+def number(value: Any, configurable: str, parameter: str, *, minimum: float = 0.0) -> float:
+  """`value` as a finite float >= `minimum` (a learning rate); ValueError naming the setting otherwise."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)) \
+      or float(value) < minimum:
+    name = _name(configurable, parameter)
+    raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r} (set it with "
+                     f"--gin.{name}=...)")
+  return float(value)
