@@ -74,6 +74,24 @@ def fatal_message(e: BaseException) -> str:
                     "  (--verbosity=1 shows the traceback)"])
 
 
+def quiet_closed_event_loop(default: Callable[[Any], None]) -> Callable[[Any], None]:
+  """A `sys.unraisablehook` that drops "RuntimeError: Event loop is closed", forwarding all else to `default`.
+
+  When one TensorStore read of a checkpoint fails (a corrupt file), Orbax's event loop ends with the error
+  while sibling reads are still in flight; each of them completes later into the closed loop, and Python
+  printed a traceback per read after the FATAL line. The real error is already reported.
+  """
+
+  def hook(unraisable) -> None:
+    error = getattr(unraisable, "exc_value", None)
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      logging.debug("Ignored a late callback into a closed event loop (an aborted checkpoint read)")
+      return
+    default(unraisable)
+
+  return hook
+
+
 def prepare() -> None:
   """Initializes multi-host JAX, the TFDS directory, the registries, then parses the gin flags."""
   partitioning.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -92,6 +110,7 @@ def run(entry: Callable[[], Any]) -> None:
     if len(argv) > 1:
       sys.exit(f"FATAL: unexpected arguments {argv[1:]} (settings go through --gin_file / --gin.NAME=...)")
     prepare()
+    sys.unraisablehook = quiet_closed_event_loop(sys.unraisablehook)
     try:
       entry()
     except gin_utils.GinConfigError:
