@@ -22,6 +22,9 @@ _TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", None, "TFDS data directory
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", None,
+    "Multi-host: seconds a process may be silent before the others abort (JAX's default 100 when unset).")
 
 # Modules whose gin configurables and SeqIO tasks every binary can name.
 REGISTERED_MODULES = (
@@ -94,7 +97,8 @@ def quiet_closed_event_loop(default: Callable[[Any], None]) -> Callable[[Any], N
 
 def prepare() -> None:
   """Initializes multi-host JAX, the TFDS directory, the registries, then parses the gin flags."""
-  partitioning.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  partitioning.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                      _HEARTBEAT.value)
   if _TFDS_DATA_DIR.value:
     import seqio  # pylint: disable=g-import-not-at-top
     seqio.set_tfds_data_dir_override(_TFDS_DATA_DIR.value)

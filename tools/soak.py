@@ -7,11 +7,14 @@ samples after `--warmup` steps:
 
   python tools/soak.py --steps=5000 --checkpoint_period=50 --eval_period=200 --warmup=1000
 
-  RSS slope after warm-up: +0.3 MB per 1k steps (+0.3 KB/step) over 400 samples, steps 1000..5000
-  RSS at step 1000: 1234.5 MB, at the end: 1236.0 MB; residual noise (std) 0.4 MB
+  RSS floor slope after warm-up: +0.05 MB per 1k steps (+0.051 KB/step; lowest sample of each 200 steps, ...)
+  RSS slope through all samples: -0.30 MB per 1k steps (-0.307 KB/step) over 401 samples, steps 1000..5000
+  RSS at step 1000: 1234.5 MB, at the end: 1236.0 MB; residual noise (std) 3.4 MB
   disk: checkpoints 0.1 MB, eval 0.2 MB
 
-The slope is what a long run leaks: a healthy run shows no growth after warm-up beyond the noise. RSS is
+The floor slope (a line through the lowest sample of each window, so transient peaks of evaluations and
+saves do not swamp it) is what a long run leaks: a healthy run shows no growth after warm-up beyond the
+noise. RSS is
 meaningful on a loaded machine, step timings are not (none are reported). `--method` picks the method gin
 file (`--gin.NAME=VALUE` flags after `--` go to the binary), `--json` prints one `RESULT {...}` line.
 """
@@ -47,8 +50,13 @@ def rss_kb(pid: int) -> Optional[int]:
   return None
 
 
-def fit_slope(steps: Sequence[int], rss: Sequence[float], warmup: int) -> dict:
-  """Least-squares line through the (step, RSS KB) samples after `warmup`: slope per 1k steps and noise."""
+def fit_slope(steps: Sequence[int], rss: Sequence[float], warmup: int, window: int) -> dict:
+  """Lines through the (step, RSS KB) samples after `warmup`: slope per 1k steps, and noise.
+
+  Two fits: through every sample, and through the lowest sample of each `window` steps (the floor). The
+  allocator's transient peaks (an evaluation's buffers, a checkpoint's) make single samples noisy by many
+  MB; a leak raises the floor too, so the floor's slope is the figure to read.
+  """
   steps, rss = np.asarray(steps, np.float64), np.asarray(rss, np.float64)
   keep = steps >= warmup
   if keep.sum() < 3:
@@ -57,9 +65,15 @@ def fit_slope(steps: Sequence[int], rss: Sequence[float], warmup: int) -> dict:
   x, y = steps[keep], rss[keep]
   slope, intercept = np.polyfit(x, y, 1)
   residual = y - (slope * x + intercept)
+  bins = ((x - x[0]) // window).astype(int)
+  floor_x = np.array([x[bins == b][np.argmin(y[bins == b])] for b in np.unique(bins)])
+  floor_y = np.array([y[bins == b].min() for b in np.unique(bins)])
+  floor_slope = float(np.polyfit(floor_x, floor_y, 1)[0]) if len(floor_x) >= 3 else float("nan")
   return {"slope_kb_per_1k_steps": float(slope * 1000), "slope_kb_per_step": float(slope),
-          "noise_std_kb": float(residual.std()), "samples": int(keep.sum()), "first_step": int(x[0]),
-          "last_step": int(x[-1]), "rss_at_warmup_kb": float(y[0]), "rss_at_end_kb": float(y[-1])}
+          "floor_slope_kb_per_1k_steps": floor_slope * 1000, "floor_windows": int(len(floor_x)),
+          "window": int(window), "noise_std_kb": float(residual.std()), "samples": int(keep.sum()),
+          "first_step": int(x[0]), "last_step": int(x[-1]), "rss_at_warmup_kb": float(y[0]),
+          "rss_at_end_kb": float(y[-1])}
 
 
 def directory_kb(path: str) -> float:
@@ -111,11 +125,13 @@ def soak(args: argparse.Namespace, extra: Sequence[str]) -> dict:
     proc.wait()
   if proc.returncode != 0:
     raise RuntimeError(f"the train binary failed ({proc.returncode}):\n{''.join(tail)}")
-  result = fit_slope(steps, samples, args.warmup)
+  window = args.window or max(args.checkpoint_period, args.eval_period or 0, 10 * args.log_period)
+  result = fit_slope(steps, samples, args.warmup, window)
   result.update(command=command, steps=args.steps, checkpoint_period=args.checkpoint_period,
                 eval_period=args.eval_period, warmup=args.warmup,
                 checkpoints_kb=directory_kb(os.path.join(model_dir, "checkpoints")),
-                eval_kb=directory_kb(os.path.join(model_dir, "eval")), model_dir=model_dir)
+                eval_kb=directory_kb(os.path.join(model_dir, "eval")), model_dir=model_dir,
+                rss_samples={"steps": steps, "rss_kb": samples})
   if not args.keep and not args.workdir:
     shutil.rmtree(workdir, ignore_errors=True)
   return result
@@ -123,7 +139,10 @@ def soak(args: argparse.Namespace, extra: Sequence[str]) -> dict:
 
 def report(r: dict) -> str:
   return "\n".join([
-      f"RSS slope after warm-up: {r['slope_kb_per_1k_steps'] / 1024:+.2f} MB per 1k steps "
+      f"RSS floor slope after warm-up: {r['floor_slope_kb_per_1k_steps'] / 1024:+.2f} MB per 1k steps "
+      f"({r['floor_slope_kb_per_1k_steps'] / 1000:+.3f} KB/step; lowest sample of each {r['window']} steps, "
+      f"{r['floor_windows']} windows)",
+      f"RSS slope through all samples: {r['slope_kb_per_1k_steps'] / 1024:+.2f} MB per 1k steps "
       f"({r['slope_kb_per_step']:+.3f} KB/step) over {r['samples']} samples, steps "
       f"{r['first_step']}..{r['last_step']}",
       f"RSS at step {r['first_step']}: {r['rss_at_warmup_kb'] / 1024:.1f} MB, at the end: "
@@ -141,6 +160,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--eval_period", type=int, default=200, help="0: no evaluation")
   parser.add_argument("--warmup", type=int, default=1000, help="samples before this step are not fitted")
   parser.add_argument("--log_period", type=int, default=10, help="one RSS sample per logged step")
+  parser.add_argument("--window", type=int, default=None,
+                      help="steps per floor window (default: the larger of the two periods)")
   parser.add_argument("--method", default="methods/prompt_tuning.gin")
   parser.add_argument("--workdir", default=None, help="kept; default a temporary directory, removed")
   parser.add_argument("--keep", action="store_true", help="keep the temporary directory")

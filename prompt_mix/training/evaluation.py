@@ -177,12 +177,12 @@ class Evaluator:
           flat[f"{task}/{name}"] = float(value)
     self.last_attention = {t: total / n for t, (total, n) in sorted(attention_sums.items())}
     logging.info("Evaluation at step %d: %s", step, flat)
-    if self.log_dir:
+    if self.log_dir and jax.process_index() == 0:  # One writer: every process holds the same metrics.
       with open(os.path.join(self.log_dir, f"eval_metrics_{step}.json"), "w") as f:
         json.dump(flat, f, indent=2)
       if self.last_attention:
         self._save_attention(step)
-      if self.keep_outputs and jax.process_index() == 0:
+      if self.keep_outputs:
         rotate_outputs(self.log_dir, self.keep_outputs)
     return flat
 

@@ -230,8 +230,9 @@ def train(model_dir: str = gin.REQUIRED,
   manager.close()
   writer.flush()
   metrics["step"] = step
-  with open(os.path.join(model_dir, "train_metrics.json"), "w") as f:
-    json.dump({k: v for k, v in metrics.items() if _is_number(v)}, f, indent=2)
+  if jax.process_index() == 0:  # One writer (all processes hold the same global values).
+    gin_utils.write_text_atomically(os.path.join(model_dir, "train_metrics.json"), json.dumps(
+        {k: v for k, v in metrics.items() if _is_number(v)}, indent=2), "the training metrics")
   return metrics
 
 
