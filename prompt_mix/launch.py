@@ -54,13 +54,15 @@ REGISTERED_MODULES = (
 USER_ERRORS = (gin_utils.GinConfigError, ValueError, OSError, FloatingPointError, KeyError)
 # A message longer than this many lines is cut (the traceback at --verbosity=1 has it all).
 MAX_FATAL_LINES = 200
+_HINT = "(--verbosity=1 shows the traceback)"
 # gin appends "In call to configurable 'train' (<function train at 0x...>)" to errors raised inside a
 # configurable: noise for the user, dropped from the FATAL block.
 _GIN_CONTEXT = re.compile(r"^\s*In call to configurable '[^']*' \(<.*>\)$")
 
 
 def fatal_message(e: BaseException) -> str:
-  """`FATAL: <Type>: <first line>` then every further line of the message, indented: one block.
+  """`FATAL: <Type>: <message>  (hint)` on one line, or, for a message of several lines, its first line then
+  every further line indented: one block.
 
   The whole message is kept (a checkpoint error lists every mis-shaped leaf on its own line); only lines
   beyond `MAX_FATAL_LINES` are cut.
@@ -72,9 +74,11 @@ def fatal_message(e: BaseException) -> str:
     lines = [type(e).__name__]
   if len(lines) > MAX_FATAL_LINES:
     lines = lines[:MAX_FATAL_LINES] + [f"... {len(lines) - MAX_FATAL_LINES} more lines"]
+  head = f"FATAL: {type(e).__name__}: {lines[0]}"
+  if len(lines) == 1:
+    return f"{head}  {_HINT}"
   rest = [line if line.startswith((" ", "\t")) else "  " + line for line in lines[1:]]
-  return "\n".join([f"FATAL: {type(e).__name__}: {lines[0]}", *rest,
-                    "  (--verbosity=1 shows the traceback)"])
+  return "\n".join([head, *rest, f"  {_HINT}"])
 
 
 def quiet_closed_event_loop(default: Callable[[Any], None]) -> Callable[[Any], None]:

@@ -268,8 +268,8 @@ def resolve_step(model_dir: str, step: Optional[int | str] = None, best_metric: 
     elif step == "best":
       resolved = _best_step(manager, directory, best_metric, best_mode)
     if resolved is None or resolved not in steps:
-      raise FileNotFoundError(f"No training checkpoint {'' if resolved is None else resolved} in {directory} "
-                              f"(steps there: {steps})")
+      which = "" if resolved is None else f" {resolved}"
+      raise FileNotFoundError(f"No training checkpoint{which} in {directory} (steps there: {steps})")
   return int(resolved)
 
 
