@@ -330,5 +330,6 @@ def _is_number(v) -> bool:
 
 
 def _metric_writer(model_dir: str):
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  return metric_writers.create_default_writer(model_dir, just_logging=jax.process_index() > 0)
+  # Not clu's default writer: TensorFlow's summary ops keep memory on every call (summary_writer.py).
+  from prompt_mix.training import summary_writer  # pylint: disable=g-import-not-at-top
+  return summary_writer.create_writer(model_dir, just_logging=jax.process_index() > 0)
