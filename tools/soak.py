@@ -125,7 +125,8 @@ def soak(args: argparse.Namespace, extra: Sequence[str]) -> dict:
     proc.wait()
   if proc.returncode != 0:
     raise RuntimeError(f"the train binary failed ({proc.returncode}):\n{''.join(tail)}")
-  window = args.window or max(args.checkpoint_period, args.eval_period or 0, 10 * args.log_period)
+  periods = [p for p in (args.checkpoint_period, args.eval_period) if p and p <= args.steps // 4]
+  window = args.window or max(periods + [10 * args.log_period])
   result = fit_slope(steps, samples, args.warmup, window)
   result.update(command=command, steps=args.steps, checkpoint_period=args.checkpoint_period,
                 eval_period=args.eval_period, warmup=args.warmup,
@@ -161,7 +162,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   parser.add_argument("--warmup", type=int, default=1000, help="samples before this step are not fitted")
   parser.add_argument("--log_period", type=int, default=10, help="one RSS sample per logged step")
   parser.add_argument("--window", type=int, default=None,
-                      help="steps per floor window (default: the larger of the two periods)")
+                      help="steps per floor window (default: the larger period that fits 4 times in the run, or 10 "
+                           "log periods)")
   parser.add_argument("--method", default="methods/prompt_tuning.gin")
   parser.add_argument("--workdir", default=None, help="kept; default a temporary directory, removed")
   parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
