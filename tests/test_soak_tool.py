@@ -38,3 +38,11 @@ def test_short_soak_of_the_train_binary(tmp_path):
   assert result["samples"] == 16 and result["rss_samples"]["steps"][-1] == 40
   assert np.isfinite(result["slope_kb_per_1k_steps"]) and result["checkpoints_kb"] > 0 and result["eval_kb"] > 0
   assert (tmp_path / "run" / "eval" / "eval_metrics_40.json").exists()
+
+
+def test_one_release_of_memory_does_not_hide_a_leak():
+  steps = np.arange(0, 6000, 10)
+  rss = 1_000_000 + 1.0 * steps - np.where(steps >= 3000, 100_000.0, 0.0)  # 1 KB/step, one arena freed.
+  result = soak.fit_slope(steps, rss, warmup=1000, window=200)
+  assert result["median_floor_growth_kb_per_1k_steps"] == pytest.approx(1000, rel=1e-3)
+  assert result["floor_slope_kb_per_1k_steps"] < 0  # What a line fit makes of it.
