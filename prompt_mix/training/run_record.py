@@ -29,6 +29,7 @@ import os
 from typing import Any, Mapping, Optional
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -78,12 +79,12 @@ def _origin(record: Mapping[str, Any]) -> str:
 
 
 def read_record(model_dir: str) -> Optional[dict]:
-  path = os.path.join(model_dir, RECORD_FILE)
-  if not os.path.exists(path):
+  """The run's backbone record, or None before the first start (local paths and `gs://` alike)."""
+  path = epath.Path(model_dir) / RECORD_FILE
+  if not path.exists():
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as e:
     raise ValueError(f"{path}: cannot read the run's backbone record ({e}); it is written at the first "
                      "start: restore it from a copy, or delete it to record the backbone of this start") from e
@@ -113,7 +114,7 @@ def check_or_record(model_dir: str, record: Mapping[str, Any], has_checkpoints: 
     BackboneMismatchError: naming both backbones and every difference.
   """
   from prompt_mix import gin_utils  # pylint: disable=g-import-not-at-top
-  path = os.path.join(model_dir, RECORD_FILE)
+  path = os.fspath(epath.Path(model_dir) / RECORD_FILE)
   recorded = read_record(model_dir)
   if recorded is not None and has_checkpoints:
     diffs = differences(recorded, record)
