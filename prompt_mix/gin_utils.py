@@ -23,7 +23,9 @@ As in T5X, VALUE is a gin literal, so strings need quotes: `--gin.MODEL_DIR=\\"/
     gin_utils.run(main)
 
 Configuration mistakes surface as one-line `GinConfigError`s naming the file, binding or macro; `run` prints
-them without a traceback and exits with status 1.
+them without a traceback and exits with status 1. A command-line macro binding that no binding references
+(`--gin.CHECKPOINT_PERIDO=2`, which would change nothing) is such an error too, naming the closest known
+macro.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ from __future__ import annotations
 # gin-config 0.5.0 calls `importlib.util.find_spec` after only `import importlib`; Python 3.12 no longer
 # imports `importlib.util` at start-up, so a gin file looked up on the Python path failed with
 # "module 'importlib' has no attribute 'util'" unless something else had imported it.
+import datetime
+import difflib
 import importlib.util  # pylint: disable=unused-import
-import logging as logging_std
+import logging as std_logging
 import os
 import pathlib
 import re
@@ -44,6 +48,8 @@ from absl import flags
 from absl import logging
 import gin
 from gin import config as gin_config
+
+from prompt_mix import atomic
 
 _PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 # The gin files shipped inside the package (package data, so a wheel install has them too), the way T5X
@@ -69,19 +75,25 @@ GIN_SEARCH_PATHS = flags.DEFINE_list(
     help="Comma-separated directories searched for --gin_file and gin `include` paths.")
 
 
-class _NoSearchPathMisses(logging_std.Filter):
-  """Drops gin's `ERROR Path not found: <search path>/<file>` records.
+class _GinProbeFilter(std_logging.Filter):
+  """Drops gin's "Path not found: models/x.gin" records.
 
-  gin tries every search path in turn and logs an error for each one that lacks the file, so a file found
-  in the package's configs after a miss in '.' printed a spurious ERROR line. A file found in no search
-  path still fails, with a `GinConfigError` that names it.
+  gin's resource reader logs one at error level for every search-path prefix it probes before the one
+  that has the file, so every run printed several false errors. A file that is truly missing is still an
+  error: gin raises, and `parse_gin_flags` reports it naming the file and the paths searched.
   """
 
-  def filter(self, record: logging_std.LogRecord) -> bool:
-    return not (record.msg == "Path not found: %s" and record.pathname.endswith("resource_reader.py"))
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not (record.module == "resource_reader" and str(record.msg).startswith("Path not found"))
 
 
-logging_std.getLogger().addFilter(_NoSearchPathMisses())  # gin logs through the root logger.
+def _install_probe_filter() -> None:
+  root = std_logging.getLogger()  # gin's resource_reader logs through the root logger.
+  if not any(isinstance(f, _GinProbeFilter) for f in root.filters):
+    root.addFilter(_GinProbeFilter())
+
+
+_install_probe_filter()
 
 
 class GinConfigError(ValueError):
@@ -143,8 +155,66 @@ def _binding_hint(binding: str) -> str:
 _REQUIRED_RE = re.compile(r"^(?:(?P<macro>[\w.]+)/macro\.value|(?P<param>\S+)) set to `%gin\.REQUIRED`")
 
 
+_MACRO_RE = re.compile(r"^[A-Za-z_][\w]*(?:/[A-Za-z_][\w]*)*$")
+
+
+def _binding_macro(binding: str) -> Optional[str]:
+  """The macro a binding `NAME = value` sets (gin: a name without '.'), or None for a parameter binding."""
+  name = binding.split("=", 1)[0].strip()
+  return name if _MACRO_RE.match(name) else None
+
+
+def _referenced_macros() -> set[str]:
+  """Macros some binding (of a configurable or of another macro) refers to as `%NAME`."""
+  return {ref.config_key[0] for ref in gin_config.iterate_references(gin_config._CONFIG)  # pylint: disable=protected-access
+          if ref.configurable.wrapped is gin_config.macro}
+
+
+def _defined_macros() -> set[str]:
+  return {key[0] for key in gin_config._CONFIG if key[1] == "gin.macro"}  # pylint: disable=protected-access
+
+
+def check_bindings_used(gin_bindings: Sequence[str], allowed_macros: Sequence[str] = ()) -> None:
+  """Raises `GinConfigError` for a macro binding that no binding refers to.
+
+  `--gin.CHECKPOINT_PERIDO=2` defines a new macro that nothing reads: the run would go on with the default
+  CHECKPOINT_PERIOD. The error names the binding and the closest macro the config knows (difflib).
+
+  Args:
+    gin_bindings: the command-line bindings (`NAME = value`); parameter bindings (`fn.param = value`)
+      are checked by gin itself.
+    allowed_macros: macros the binary reads itself (`require_macro`), used though nothing refers to them.
+  """
+  referenced = _referenced_macros() | set(allowed_macros)
+  for binding in gin_bindings or ():
+    name = _binding_macro(binding)
+    if name is None or name in referenced:
+      continue
+    known = sorted((_defined_macros() | referenced) - {name})
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = (f"; did you mean {close[0]}? (--gin.{close[0]}=...)" if close else
+            f"; the macros this configuration reads are {', '.join(sorted(referenced)) or 'none'}")
+    raise GinConfigError(f"gin binding {binding!r}: no binding uses the macro {name}, so it would change "
+                         f"nothing{hint}")
+
+
+def setting_name(configurable: str, parameter: str) -> str:
+  """How a user sets `configurable.parameter`: the macro bound to it (`TRAIN_STEPS`), else the parameter.
+
+  For messages about bad values, so they name what the user typed.
+  """
+  try:
+    value = gin.query_parameter(f"{configurable}.{parameter}")
+  except (ValueError, KeyError):
+    return f"{configurable}.{parameter}"
+  if isinstance(value, gin_config.ConfigurableReference) and value.configurable.wrapped is gin_config.macro:
+    return value.config_key[0]
+  return f"{configurable}.{parameter}"
+
+
 def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str], gin_bindings: Sequence[str],
-                    skip_unknown: Union[bool, Sequence[str]] = False, finalize_config: bool = True) -> None:
+                    skip_unknown: Union[bool, Sequence[str]] = False, finalize_config: bool = True,
+                    allowed_macros: Sequence[str] = ()) -> None:
   """Registers search paths, parses the files then the bindings, and (by default) finalizes the config.
 
   Equivalent to `gin.parse_config_files_and_bindings`, but each file and binding is parsed on its own so a
@@ -157,9 +227,12 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str], g
     skip_unknown: ignore bindings of unknown configurables (True, or a list of configurable names).
     finalize_config: lock the config and run gin's finalize checks (a `%gin.REQUIRED` left unbound fails
       here with `MissingMacroError`).
+    allowed_macros: macros the caller reads directly, which a binding may set though nothing refers to
+      them (see `check_bindings_used`).
 
   Raises:
-    GinConfigError: one line naming the offending search path, file or binding.
+    GinConfigError: one line naming the offending search path, file or binding (also a macro binding that
+      nothing uses).
     MissingMacroError: a macro is still `%gin.REQUIRED` at finalization.
   """
   registered = gin_config._LOCATION_PREFIXES  # pylint: disable=protected-access  # gin has no getter.
@@ -184,6 +257,7 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str], g
     except Exception as e:  # pylint: disable=broad-except
       raise GinConfigError(
           f"gin binding {binding!r}: {type(e).__name__}: {_one_line(e)}{_binding_hint(binding)}") from e
+  check_bindings_used(gin_bindings, allowed_macros)
   if finalize_config:
     try:
       gin.finalize()
@@ -198,10 +272,11 @@ def parse_gin_flags(gin_search_paths: Sequence[str], gin_files: Sequence[str], g
   logging.info("Gin configuration:\n%s", gin.config_str())
 
 
-def parse_gin_from_flags(skip_unknown: Union[bool, Sequence[str]] = False, finalize_config: bool = True) -> None:
+def parse_gin_from_flags(skip_unknown: Union[bool, Sequence[str]] = False, finalize_config: bool = True,
+                         allowed_macros: Sequence[str] = ()) -> None:
   """`parse_gin_flags` with the values of `--gin_search_paths`, `--gin_file` and `--gin_bindings`."""
   parse_gin_flags(GIN_SEARCH_PATHS.value, GIN_FILES.value or [], GIN_BINDINGS.value or [],
-                  skip_unknown=skip_unknown, finalize_config=finalize_config)
+                  skip_unknown=skip_unknown, finalize_config=finalize_config, allowed_macros=allowed_macros)
 
 
 def require_macro(name: str) -> Any:
@@ -238,21 +313,61 @@ def require(value: Any, name: str) -> Any:
   return value
 
 
-def write_gin_config(model_dir: str, filename: str = "config.gin") -> Optional[str]:
+CONFIG_FILE = "config.gin"
+CONFIG_HISTORY_DIR = "config_history"
+
+
+def write_gin_config(model_dir: str, filename: str = CONFIG_FILE,
+                     start_step: Optional[int] = None) -> Optional[str]:
   """Writes the operative gin config (the bindings used so far) to `model_dir/filename` from process 0, as
   T5X's `summarize_gin_config`; `export` and `eval` read it back to rebuild the run's model.
 
+  Nothing is lost when a start fails or is different: each start also keeps its own copy,
+  `model_dir/config_history/<UTC time>-step<start_step>.gin`, written before `filename`, and both are
+  written atomically (a full disk leaves the previous `config.gin` whole, never a cut-off one).
+
+  Args:
+    start_step: the step this start resumes from (0 for a fresh run); names the history copy.
+
   Returns:
     The path written, or None on other processes.
+
+  Raises:
+    OSError: naming the file that could not be written (read-only MODEL_DIR, full disk).
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
   if jax.process_index() != 0:
     return None
-  path = epath.Path(model_dir) / filename
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(gin.operative_config_str())
+  text = gin.operative_config_str()
+  join = (lambda *parts: "/".join(p.rstrip("/") for p in parts)) if "://" in model_dir else os.path.join
+  path = join(model_dir, filename)
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+  step = "" if start_step is None else f"-step{int(start_step)}"
+  history = join(model_dir, CONFIG_HISTORY_DIR, f"{stamp}{step}.gin")
+  n = 1
+  while "://" not in history and os.path.exists(history):  # Two starts within a second.
+    n += 1
+    history = join(model_dir, CONFIG_HISTORY_DIR, f"{stamp}{step}-{n}.gin")
+  for target in (history, path):
+    write_text_atomically(target, text, what="the gin config")
   return str(path)
+
+
+def write_text_atomically(path: str, text: str, what: str = "file") -> None:
+  """`text` to `path` through `atomic.atomic_file`; an OSError names `path` and `what` it is.
+
+  A URL (`gs://...`) is written in one object write, which object stores make atomic themselves.
+  """
+  try:
+    if "://" in path:
+      from etils import epath  # pylint: disable=g-import-not-at-top
+      epath.Path(path).parent.mkdir(parents=True, exist_ok=True)
+      epath.Path(path).write_text(text)
+      return
+    with atomic.atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+  except OSError as e:
+    raise OSError(e.errno, f"cannot write {what} to {path}: {e.strerror or e}") from e
 
 
 def run(main: Callable[[Sequence[str]], Any]) -> None:

@@ -309,7 +309,8 @@ def host_shard_info():
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None) -> bool:
+                           process_id: Optional[int] = None,
+                           heartbeat_timeout_seconds: Optional[int] = None) -> bool:
   """Calls `jax.distributed.initialize` when any multi-host setting is given; single host otherwise.
 
   Must run before any other JAX call that touches devices.
@@ -318,6 +319,8 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
     coordinator_address: `host:port` of process 0.
     num_processes: total number of processes.
     process_id: this process's index in `[0, num_processes)`.
+    heartbeat_timeout_seconds: how long a process may be silent before the others abort (JAX's default,
+      100 s, when None); a peer that dies makes the survivors exit instead of waiting forever.
 
   Returns:
     Whether the distributed runtime was initialized.
@@ -329,8 +332,9 @@ def initialize_distributed(coordinator_address: Optional[str] = None, num_proces
     raise ValueError(f"process_id={process_id} is outside [0, num_processes={num_processes})")
   logging.info("jax.distributed.initialize(coordinator_address=%r, num_processes=%r, process_id=%r)",
                coordinator_address, num_processes, process_id)
+  extra = {} if heartbeat_timeout_seconds is None else {"heartbeat_timeout_seconds": heartbeat_timeout_seconds}
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
+                             process_id=process_id, **extra)
   logging.info("Process %d of %d; %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True

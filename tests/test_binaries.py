@@ -132,6 +132,9 @@ def test_eval_and_infer_after_training(tmp_path):
     (['--gin.MIXTURE_OR_TASK_NAME="no_such_task"'], "no_such_task"),
     (["--gin.RANDOM_INIT_BACKBONE=False", '--gin.INITIAL_CHECKPOINT_PATH="/nonexistent/checkpoint_5"'],
      "/nonexistent/checkpoint_5"),
+    (["--gin.CHECKPOINT_PERIDO=2"], "did you mean CHECKPOINT_PERIOD?"),  # A typo changed nothing, exit 0.
+    (["--gin.TRAIN_STEPS=-5"], "TRAIN_STEPS must be an integer >= 1, got -5"),  # Did nothing, exit 0.
+    (['--gin.MODEL_DIR="/dev/null/run"'], "Not a directory: '/dev/null/run'"),  # An OSError naming the path.
 ])
 def test_user_errors_are_one_line(tmp_path, change, message):
   args = _train_args(tmp_path / "run", 2, change or [])

@@ -201,3 +201,46 @@ def test_resume_on_a_different_mesh(tmp_path):
   proc = subprocess.run([sys.executable, "-c", _OTHER_MESH_SCRIPT, str(tmp_path / "ckpt")], env=env,
                         capture_output=True, text=True, timeout=300, check=False)
   assert "OTHER_MESH_OK" in proc.stdout, proc.stderr[-4000:]
+
+
+def _corrupt(step_dir):
+  """Flips a byte in the middle of every data file of the step's peft item (CRC-checked by TensorStore)."""
+  for path in (step_dir / "peft" / "d").iterdir():
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_latest_step_names_the_intact_earlier_one(tmp_path):
+  with checkpointing.TrainingCheckpointManager(tmp_path, max_to_keep=3) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, _state(step))
+  _corrupt(tmp_path / "3")
+  with checkpointing.TrainingCheckpointManager(tmp_path) as ckpt:
+    with pytest.raises(checkpointing.CheckpointReadError) as info:
+      ckpt.restore_latest(_abstract())
+  message = str(info.value)
+  assert message.startswith(f"checkpoint step 3 ({tmp_path / '3'}) cannot be read: its files are damaged: ")
+  assert "checksum" in message and "tensorstore_spec" not in message and len(message) < 1200, message
+  assert message.splitlines()[-1] == (f"Step 2 restores intact: move {tmp_path / '3'} out of {tmp_path} (keep "
+                                      "it for inspection) and run again to resume from step 2.")
+  _corrupt(tmp_path / "2")
+  _corrupt(tmp_path / "1")
+  with checkpointing.TrainingCheckpointManager(tmp_path) as ckpt:
+    with pytest.raises(checkpointing.CheckpointReadError, match=r"No earlier step restores intact"):
+      ckpt.restore_latest(_abstract())
+
+
+def test_frozen_collections_and_specs_round_trip_and_are_optional(tmp_path):
+  frozen = {"prompt_library": {"encoder": {"attempt": {"sources": jnp.arange(24.0).reshape(2, 3, 4)}}}}
+  specs = {"version": 1, "collections": {"prompt_library": {"encoder/attempt/sources": {
+      "shape": [2, 3, 4], "dtype": "float32", "axes": ["sources", "prompt", "prompt_embed"]}}}}
+  target = {**_abstract(), "frozen": jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                             frozen)}
+  with checkpointing.TrainingCheckpointManager(tmp_path) as ckpt:
+    ckpt.save(1, {**_state(1), "frozen": frozen, "variable_specs": specs})
+    ckpt.save(2, _state(2))  # As an older version saved: neither item.
+    restored = ckpt.restore(1, target)
+    _assert_trees_equal(restored["frozen"], frozen)
+    assert ckpt.restore_specs(1) == specs
+    assert ckpt.restore(2, target)["frozen"] is None and ckpt.restore_specs(2) is None

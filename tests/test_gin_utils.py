@@ -1,5 +1,7 @@
 """Tests of prompt_mix.gin_utils: --gin. rewriting, search paths and includes, one-line errors."""
 
+import logging
+import os
 import pathlib
 import subprocess
 import sys
@@ -155,3 +157,88 @@ def test_run_end_to_end(tmp_path):
   assert missing.returncode == 1
   assert missing.stderr.strip().splitlines()[-1] == "FATAL: MODEL_DIR is required: pass --gin.MODEL_DIR=..."
   assert "Traceback" not in missing.stderr
+
+
+def test_a_macro_binding_nothing_uses_names_the_closest_macro(tmp_path):
+  _write(tmp_path / "run.gin", """
+      MODEL_DIR = %gin.REQUIRED
+      CHECKPOINT_PERIOD = 1000
+      _toy_train.model_dir = %MODEL_DIR
+      _toy_train.train_steps = %CHECKPOINT_PERIOD
+      """)
+  with pytest.raises(gin_utils.GinConfigError) as info:
+    gin_utils.parse_gin_flags([str(tmp_path)], ["run.gin"], ['MODEL_DIR = "/tmp/r"', "CHECKPOINT_PERIDO = 2"])
+  message = str(info.value)
+  assert message.startswith("gin binding 'CHECKPOINT_PERIDO = 2': no binding uses the macro CHECKPOINT_PERIDO")
+  assert "did you mean CHECKPOINT_PERIOD? (--gin.CHECKPOINT_PERIOD=...)" in message and "\n" not in message
+  gin.clear_config()
+  with pytest.raises(gin_utils.GinConfigError, match=r"macros this configuration reads are CHECKPOINT_PERIOD, "
+                                                     r"MODEL_DIR"):
+    gin_utils.parse_gin_flags([str(tmp_path)], ["run.gin"], ['MODEL_DIR = "/tmp/r"', "ZZZ = 2"])
+  gin.clear_config()
+  # Used macros, parameter bindings and macros the binary reads itself (`allowed_macros`) are fine.
+  gin_utils.parse_gin_flags([str(tmp_path)], ["run.gin"], ['MODEL_DIR = "/tmp/r"', "CHECKPOINT_PERIOD = 2",
+                                                           "_toy_train.feature_lengths = {'inputs': 8}",
+                                                           "EXTRA = 1"], allowed_macros=["EXTRA"])
+  assert _toy_train() == ("/tmp/r", 2, {"inputs": 8})
+
+
+def test_search_path_probing_logs_no_errors(tmp_path, caplog):
+  """gin's resource reader logged "Path not found" at error level for each search path it probed."""
+  _write(tmp_path / "second" / "models" / "probe_only_here.gin", "_toy_train.train_steps = 4\n")
+  with caplog.at_level(logging.DEBUG):
+    gin_utils.parse_gin_flags([str(tmp_path / "first"), str(tmp_path / "second")],
+                              ["models/probe_only_here.gin"], [])
+  assert _toy_train(model_dir="x")[1] == 4
+  assert not [r for r in caplog.records if "Path not found" in r.getMessage()], caplog.text
+
+
+def test_gin_config_is_written_atomically_and_kept_per_start(tmp_path, monkeypatch):
+  gin.parse_config("_toy_train.train_steps = 7")
+  _toy_train(model_dir="m")  # Makes the binding operative.
+  run = tmp_path / "run"
+  first = gin_utils.write_gin_config(str(run), start_step=0)
+  assert first == str(run / "config.gin") and "_toy_train.train_steps = 7" in (run / "config.gin").read_text()
+  gin_utils.write_gin_config(str(run), start_step=100)
+  history = sorted(p.name for p in (run / gin_utils.CONFIG_HISTORY_DIR).iterdir())
+  assert len(history) == 2 and history[0].endswith("-step0.gin") and history[1].endswith("-step100.gin")
+
+  before = (run / "config.gin").read_text()
+
+  def full_disk(fd):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(os, "fsync", full_disk)  # The write of the new config fails half-way.
+  with pytest.raises(OSError, match=r"cannot write the gin config to .*run/config_history/.*: No space left"):
+    gin_utils.write_gin_config(str(run), start_step=200)
+  assert (run / "config.gin").read_text() == before  # The previous config is whole.
+  assert sorted(p.name for p in (run / gin_utils.CONFIG_HISTORY_DIR).iterdir()) == history
+  assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+
+
+def test_fatal_message_keeps_the_whole_message_as_one_block():
+  from prompt_mix import launch  # pylint: disable=g-import-not-at-top
+  error = ValueError("/ckpt is not the T5 backbone of the config:\n  wrong shape (1):\n"
+                     "    encoder/layers_0/mlp/wo/kernel: expected [16, 8], found [16, 9]\n"
+                     "  In call to configurable 'train' (<function train at 0x7f00>)")
+  lines = launch.fatal_message(error).splitlines()
+  assert lines[0] == "FATAL: ValueError: /ckpt is not the T5 backbone of the config:"
+  assert lines[1:3] == ["  wrong shape (1):", "    encoder/layers_0/mlp/wo/kernel: expected [16, 8], found [16, 9]"]
+  assert all(line.startswith(" ") for line in lines[1:]) and "In call to configurable" not in "\n".join(lines)
+  assert launch.fatal_message(KeyError("no prompt named 'x'")).startswith("FATAL: KeyError: no prompt named 'x'")
+  assert launch.fatal_message(OSError(28, "No space left on device", "/m/config.gin")).startswith(
+      "FATAL: OSError: [Errno 28] No space left on device: '/m/config.gin'")
+
+
+def test_late_callbacks_into_a_closed_event_loop_are_not_printed():
+  """After a corrupt checkpoint's FATAL, TensorStore reads still in flight completed into Orbax's closed
+  event loop and each printed "RuntimeError: Event loop is closed" through `sys.unraisablehook`."""
+  import types  # pylint: disable=g-import-not-at-top
+  from prompt_mix import launch  # pylint: disable=g-import-not-at-top
+  seen = []
+  hook = launch.quiet_closed_event_loop(seen.append)
+  late = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"))
+  other = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("something else"))
+  hook(late)
+  hook(other)
+  assert seen == [other]

@@ -162,3 +162,32 @@ def test_command_line(tmp_path):
   assert "mnli\t(3, 8)\tbackbone=tiny\ttask=mnli" in listing and "qqp" in listing
   run("remove", "--name=mnli")
   assert library_lib.PromptLibrary(tmp_path / "lib").names() == ["qqp"]
+
+
+def test_command_line_errors_are_one_line_naming_the_file(tmp_path):
+  np.save(tmp_path / "ints.npy", np.arange(24, dtype=np.int32).reshape(3, 8))
+  (tmp_path / "broken.npy").write_bytes(b"\x93NUMPY\x01\x00garbage")
+  np.save(tmp_path / "p.npy", _prompt(0))
+  run = lambda *args: subprocess.run(
+      [sys.executable, "-m", "prompt_mix.attempt.library", *args, f"--library={tmp_path / 'lib'}"],
+      capture_output=True, text=True, check=False)
+  cases = [(("add", "--name=ints", f"--file={tmp_path / 'ints.npy'}"),
+            f"FATAL: ValueError: {tmp_path / 'ints.npy'} holds a int32 array; a prompt is floating point"),
+           (("add", "--name=broken", f"--file={tmp_path / 'broken.npy'}"),
+            f"FATAL: ValueError: {tmp_path / 'broken.npy'} is not a readable .npy file"),
+           (("remove", "--name=nothing"), "FATAL: KeyError: "),
+           (("add", "--name=p", f"--file={tmp_path / 'missing.npy'}"), "FATAL: FileNotFoundError: ")]
+  for args, start in cases:
+    proc = run(*args)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr and len(lines) == 1 and lines[0].startswith(start), proc.stderr
+  assert library_lib.PromptLibrary(tmp_path / "lib").names() == []
+
+
+def test_a_corrupt_prompt_file_in_the_library_is_named(tmp_path):
+  lib = library_lib.PromptLibrary(tmp_path)
+  lib.add("a", _prompt(0))
+  (tmp_path / "a.npy").write_bytes((tmp_path / "a.npy").read_bytes()[:100])  # Truncated.
+  with pytest.raises(ValueError, match=rf"{tmp_path / 'a.npy'} is not a readable .npy file"):
+    lib.load("a")

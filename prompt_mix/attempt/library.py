@@ -31,6 +31,9 @@ python -m prompt_mix.attempt.library remove --library=DIR --name=mnli
 python -m prompt_mix.attempt.library rank   --library=DIR --target_prompt=target.npy     (source_commands.py)
 python -m prompt_mix.attempt.library prune  --library=DIR --attention=attention_<step>.json --top_k=K ...
 ```
+
+A command that fails prints one line, `FATAL: <what went wrong, naming the file or prompt>`, and exits with
+status 1 (no traceback). Prompt files must hold floats: an integer array is refused, not converted.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ class PromptLibrary:
     file = os.path.join(self.path, entry["file"])
     if not os.path.exists(file):
       raise FileNotFoundError(f"{self.manifest_path} lists prompt {name!r} but its file {file} is missing")
-    array = np.load(file, allow_pickle=False)
+    array = load_npy(file)
     if array.shape != tuple(entry["shape"]):
       raise ValueError(f"{file} has shape {array.shape} but {self.manifest_path} records "
                        f"{tuple(entry['shape'])} for prompt {name!r}")
@@ -259,6 +262,17 @@ def _validate_manifest(manifest: Any, path: str) -> list[dict]:
   return [dict(e) for e in prompts]
 
 
+def load_npy(path: str) -> np.ndarray:
+  """`np.load` of a `.npy` file; a damaged or non-`.npy` file is a ValueError naming it."""
+  try:
+    return np.load(path, allow_pickle=False)
+  except (ValueError, EOFError, OSError) as e:
+    if isinstance(e, FileNotFoundError):
+      raise
+    raise ValueError(f"{path} is not a readable .npy file (truncated or corrupt?): {type(e).__name__}: "
+                     f"{e}") from e
+
+
 def read_prompt_file(path: str) -> np.ndarray:
   """A prompt [m, d] from a `.npy` file or a `torch.save`d tensor (the ATTEMPT release's `.pt` files).
 
@@ -269,14 +283,18 @@ def read_prompt_file(path: str) -> np.ndarray:
   if not os.path.exists(path):
     raise FileNotFoundError(f"prompt file {path} does not exist")
   if path.endswith(".npy"):
-    array = np.load(path, allow_pickle=False)
+    array = load_npy(path)
   else:
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise ImportError(f"reading {path} needs PyTorch (`pip install torch`); or convert it to .npy "
                         "first") from None
-    value = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+      value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except  # UnpicklingError, RuntimeError, EOFError...
+      raise ValueError(f"{path} is not a readable torch file (truncated or corrupt?): {type(e).__name__}: "
+                       f"{e}") from e
     if isinstance(value, dict):
       tensors = {k: v for k, v in value.items() if isinstance(v, torch.Tensor)}
       if len(tensors) != 1:
@@ -289,6 +307,9 @@ def read_prompt_file(path: str) -> np.ndarray:
     array = array[0]
   if array.ndim != 2:
     raise ValueError(f"{path}: a prompt is [m, d], got shape {array.shape}")
+  if not (np.issubdtype(array.dtype, np.floating) or array.dtype.name == "bfloat16"):
+    raise ValueError(f"{path} holds a {array.dtype} array; a prompt is floating point (converting integers "
+                     "would silently make a different prompt)")
   return np.asarray(array, np.float32)
 
 
@@ -356,11 +377,20 @@ def _define_flags() -> None:
   source_commands.define_flags()
 
 
+def _main_with_errors(argv: Sequence[str]) -> None:
+  """`_main`, with a failure as one `FATAL:` line naming the file or prompt (no traceback)."""
+  try:
+    _main(argv)
+  except (ValueError, KeyError, OSError, ImportError) as e:
+    message = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    raise SystemExit(f"FATAL: {type(e).__name__}: {' '.join(str(message).split())}") from None
+
+
 def main() -> None:
   """The `prompt-mix-library` console script; the same as `python -m prompt_mix.attempt.library`."""
   from absl import app  # pylint: disable=g-import-not-at-top
   _define_flags()
-  app.run(_main)
+  app.run(_main_with_errors)
 
 
 if __name__ == "__main__":

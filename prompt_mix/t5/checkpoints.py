@@ -15,7 +15,8 @@ Formats (`detect_format`):
 
 The backbone comes back as the T5X tree (see `param_tree`), float32 numpy arrays, checked against the
 config: missing, unexpected and mis-shaped keys are errors that name them, a given config that disagrees
-with the checkpoint is an error naming each field. Nothing is ever initialized randomly.
+with the checkpoint is an error naming each field, and NaN or infinite weights are an error naming each
+leaf with its count. Nothing is ever initialized randomly.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from prompt_mix.t5.hf_checkpoint import hf_t5_model
 from prompt_mix.t5.hf_checkpoint import t5x_tree_to_hf_state_dict
 from prompt_mix.t5.param_tree import CheckpointError
 from prompt_mix.t5.param_tree import check_config
+from prompt_mix.t5.param_tree import check_finite
+from prompt_mix.t5.param_tree import flatten
 from prompt_mix.t5.param_tree import config_from_facts
 from prompt_mix.t5.param_tree import expected_param_shapes
 from prompt_mix.t5.param_tree import infer_config
@@ -121,8 +124,8 @@ def load_backbone(path: str | os.PathLike,
 
   Raises:
     CheckpointError: unknown format, unreadable/corrupt files (named), a config mismatch (each field with
-      both values), or a tree that is not the config's backbone (each missing, unexpected and mis-shaped
-      key with its shapes).
+      both values), a tree that is not the config's backbone (each missing, unexpected and mis-shaped
+      key with its shapes), or non-finite weights (each leaf with its NaN/inf count).
   """
   fmt = detect_format(path)
   source = os.fspath(path)
@@ -144,4 +147,6 @@ def load_backbone(path: str | os.PathLike,
     check_config(config, facts, source)
     found = config
   validate_params(params, found, source)
+  if fmt != "hf":  # The HF reader checks its state dict itself, naming the HF keys.
+    check_finite(flatten(params), source)
   return params, found

@@ -41,6 +41,7 @@ import numpy as np
 
 from prompt_mix.t5.config import T5Config
 from prompt_mix.t5.param_tree import CheckpointError
+from prompt_mix.t5.param_tree import check_finite
 from prompt_mix.t5.param_tree import expected_shapes
 from prompt_mix.t5.param_tree import flatten
 from prompt_mix.t5.param_tree import fmt_shape
@@ -266,9 +267,12 @@ def hf_state_dict_to_t5x_tree(state_dict: Mapping[str, Any], config: T5Config, s
       `lm_head.weight` takes `shared.weight` as its output layer (what transformers does).
 
   Raises:
-    CheckpointError: naming every missing, unexpected and mis-shaped HF key, or copies of the embedding
-      that differ from `shared.weight`.
+    CheckpointError: naming every missing, unexpected and mis-shaped HF key, every key holding NaN or
+      infinite values (before comparing copies: a NaN embedding is reported as NaN, not as a copy that
+      differs), or copies of the embedding that differ from `shared.weight`.
   """
+  t5x_names = {hf_key: t5x_key for hf_key, t5x_key, _ in hf_key_map(config)}
+  check_finite(state_dict, source, t5x_names)
   expected = flatten(expected_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
   remaining = dict(state_dict)
   flat, missing, misshaped = {}, [], []

@@ -25,6 +25,7 @@ decoder/logits_dense/kernel                                [d, vocab]    (untied
 
 from __future__ import annotations
 
+import collections
 import re
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -176,6 +177,40 @@ def validate_params(params: Mapping[str, Any], config: T5Config, source: str) ->
                           + "\n".join(parts))
 
 
+def nonfinite_count(value: Any) -> int:
+  """How many values of a float array are NaN or infinite (a float64 sum is the fast path)."""
+  array = np.asarray(value)
+  if not np.issubdtype(array.dtype, np.floating):
+    return 0
+  if np.isfinite(np.sum(array, dtype=np.float64)):  # NaN/inf propagate; float64 cannot overflow here.
+    return 0
+  return int(np.count_nonzero(~np.isfinite(array)))
+
+
+def check_finite(flat: Mapping[str, Any], source: str, names: Optional[Mapping[str, str]] = None) -> None:
+  """Raises `CheckpointError` naming every leaf of `flat` that holds NaN or infinite values, with counts.
+
+  A NaN in an unused embedding row would otherwise train with exit status 0 and surface much later as a
+  NaN score, or be blamed on the learning rate.
+
+  Args:
+    flat: {key: array}.
+    source: names the checkpoint.
+    names: optional {key: what else to call it} (e.g. the T5X name of an HF key).
+  """
+  bad = []
+  for key, value in flat.items():
+    count = nonfinite_count(value)
+    if count:
+      also = f" (-> {names[key]})" if names and key in names else ""
+      array = np.asarray(value)
+      kinds = [k for k, test in (("NaN", np.isnan), ("infinite", np.isinf)) if np.any(test(array))]
+      bad.append(f"{key}{also}: {count} of {array.size} values are {' or '.join(kinds)}")
+  if bad:
+    raise CheckpointError(f"{source} holds non-finite weights in {len(bad)} leaves (a corrupt or "
+                          f"diverged checkpoint):{_listing(bad)}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Config inference.
 
@@ -191,11 +226,51 @@ def _layer_count(stack: Mapping[str, Any], name: str, source: str) -> int:
   return len(indices)
 
 
+# Which dimension of which leaf tells each shape fact: (key pattern, {fact: axis}). Every leaf that carries a
+# fact votes; the value most leaves agree on wins, so one mis-shaped leaf is reported as the culprit (by
+# `validate_params`) instead of being taken as the truth and blaming every correct leaf, or the config.
+_ATTENTION = r"(?:attention|self_attention|encoder_decoder_attention)"
+_VOTERS = (
+    (re.compile(r"^token_embedder/embedding$"), {"vocab_size": 0, "emb_dim": 1}),
+    (re.compile(r"^decoder/logits_dense/kernel$"), {"emb_dim": 0, "vocab_size": 1}),
+    (re.compile(r"/scale$"), {"emb_dim": 0}),
+    (re.compile(r"/relpos_bias/rel_embedding$"), {"num_heads": 0, "relative_attention_num_buckets": 1}),
+    (re.compile(rf"/{_ATTENTION}/(?:query|key|value)/kernel$"), {"emb_dim": 0, "heads_x_head_dim": 1}),
+    (re.compile(rf"/{_ATTENTION}/out/kernel$"), {"heads_x_head_dim": 0, "emb_dim": 1}),
+    (re.compile(r"/mlp/wi(?:_\d+)?/kernel$"), {"emb_dim": 0, "mlp_dim": 1}),
+    (re.compile(r"/mlp/wo/kernel$"), {"mlp_dim": 0, "emb_dim": 1}),
+)
+# The leaf whose value wins a tie (T5X's canonical leaf for the fact).
+_PRIMARY = ("token_embedder/embedding", "encoder/relpos_bias/rel_embedding",
+            "encoder/layers_0/attention/query/kernel", "encoder/layers_0/mlp/wi_0/kernel",
+            "encoder/layers_0/mlp/wi/kernel")
+
+
+def _votes(flat: Mapping[str, Any]) -> dict[str, collections.Counter]:
+  """{fact: Counter(value -> number of leaves saying so)}, primary leaves counted first (tie-break)."""
+  votes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  keys = [k for k in _PRIMARY if k in flat] + sorted(k for k in flat if k not in _PRIMARY)
+  for key in keys:
+    shape = tuple(np.shape(flat[key]))
+    for pattern, axes in _VOTERS:
+      if pattern.search(key) and len(shape) == (2 if len(axes) == 2 else 1):
+        for fact, axis in axes.items():
+          votes[fact][int(shape[axis])] += 1
+        break
+  return votes
+
+
+def _majority(votes: Mapping[str, collections.Counter], fact: str, fallback: int) -> int:
+  counter = votes.get(fact)
+  return counter.most_common(1)[0][0] if counter else fallback
+
+
 def infer_facts(params: Mapping[str, Any], source: str = "the checkpoint") -> dict[str, Any]:
   """The config fields a backbone tree determines, by name (plus 'gated': the MLP has wi_0/wi_1).
 
-  `relative_attention_max_distance`, the activation functions themselves, dropout and dtype are not
-  recorded in a T5X tree and are absent here.
+  Each shape fact is the value most leaves agree on (see `_VOTERS`), so a single mis-shaped leaf does not
+  decide the config. `relative_attention_max_distance`, the activation functions themselves, dropout and
+  dtype are not recorded in a T5X tree and are absent here.
   """
   flat = flatten(params)
 
@@ -206,17 +281,20 @@ def infer_facts(params: Mapping[str, Any], source: str = "the checkpoint") -> di
 
   vocab, emb = shape("token_embedder/embedding", "vocab_size and emb_dim")
   heads, buckets = shape("encoder/relpos_bias/rel_embedding", "num_heads and the relpos buckets")
-  dec_relpos = shape("decoder/relpos_bias/rel_embedding", "num_heads of the decoder")
-  if dec_relpos != (heads, buckets):
-    raise CheckpointError(f"{source}: encoder/relpos_bias/rel_embedding is {fmt_shape((heads, buckets))} "
-                          f"but decoder/relpos_bias/rel_embedding is {fmt_shape(dec_relpos)}")
+  shape("decoder/relpos_bias/rel_embedding", "num_heads of the decoder")
   joined = shape("encoder/layers_0/attention/query/kernel", "head_dim")[1]
-  if joined % heads:
-    raise CheckpointError(f"{source}: encoder/layers_0/attention/query/kernel has {joined} columns, not a "
-                          f"multiple of the {heads} heads of encoder/relpos_bias/rel_embedding")
   gated = "encoder/layers_0/mlp/wi_0/kernel" in flat
   wi = "encoder/layers_0/mlp/wi_0/kernel" if gated else "encoder/layers_0/mlp/wi/kernel"
   mlp_dim = shape(wi, "mlp_dim")[1]
+  votes = _votes(flat)
+  vocab, emb = _majority(votes, "vocab_size", vocab), _majority(votes, "emb_dim", emb)
+  heads = _majority(votes, "num_heads", heads)
+  buckets = _majority(votes, "relative_attention_num_buckets", buckets)
+  joined = _majority(votes, "heads_x_head_dim", joined)
+  mlp_dim = _majority(votes, "mlp_dim", mlp_dim)
+  if joined % heads:
+    raise CheckpointError(f"{source}: the attention kernels have {joined} columns (most of them), not a "
+                          f"multiple of the {heads} heads of the relpos_bias/rel_embedding leaves")
   tree = unflatten(flat)
   return dict(
       vocab_size=vocab, emb_dim=emb, num_heads=heads, head_dim=joined // heads, mlp_dim=mlp_dim,

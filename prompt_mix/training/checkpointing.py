@@ -1,14 +1,20 @@
 """Training-state checkpoints with Orbax: atomic, resumable, keep-N plus the best.
 
-A training checkpoint holds only what training changes (docs/design.md, Variables): the `peft` tree, the optax
-state of `peft`, the step, and a small JSON `data_state` (e.g. how many batches the input pipeline has
-consumed). The frozen backbone is never written; it comes back from `INITIAL_CHECKPOINT_PATH`.
+A training checkpoint holds what training changes (docs/design.md, Variables): the `peft` tree, the optax state
+of `peft`, the step, and a small JSON `data_state` (e.g. how many batches the input pipeline has
+consumed). The frozen backbone is never written; it comes back from `INITIAL_CHECKPOINT_PATH`. Two
+optional items make a trained run self-contained: `frozen`, the method's frozen collections other than the
+backbone (e.g. the source prompts a method read from a prompt library when the run started; small), and
+`variable_specs`, the shape, dtype and logical axis names of every leaf of `peft` and `frozen`, so a later
+eval/infer/export rebuilds them from the checkpoint alone (see `setup.restore_trained`).
 
 Layout under `directory` (one Orbax step directory per saved step)::
 
   <directory>/<step>/peft/            StandardSave (TensorStore/OCDBT) of the peft pytree
   <directory>/<step>/opt_state/       StandardSave of the optax state (absent when it has no arrays)
   <directory>/<step>/data_state/      JSON
+  <directory>/<step>/frozen/          StandardSave of the frozen method collections (absent when none)
+  <directory>/<step>/variable_specs/  JSON {collection: {'a/b': {'shape', 'dtype', 'axes'}}}
   <directory>/<step>/metrics/         the metrics given to `save`, for best tracking
   <directory>/<step>/commit_success.txt
 
@@ -20,12 +26,21 @@ succeeds.
 
 Restoring goes into the structure, dtypes and shardings of an abstract target (`jax.ShapeDtypeStruct`s with
 `.sharding`, e.g. from `partitioning.abstract_with_shardings`), so a run saved on one mesh resumes on another.
+A step that cannot be read is a `CheckpointReadError` in a few lines (TensorStore's spec dumps cut), and
+`restore_latest` says which earlier step restores intact.
+
+Memory: Orbax asks TensorStore for its I/O byte counters before and after every item it writes, only to
+log a raw throughput; `tensorstore.experimental_collect_matching_metrics` leaks the Python objects it
+returns (about 3 KB per call, growing with the counters), which made a long run's RSS creep with every
+save. Importing this module replaces that counter query with 0 (`_stop_metric_leak`): the logged raw
+throughput reads 0, nothing else changes. `tools/soak.py` measures the slope.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Mapping, Optional, Tuple
 
 from absl import logging
@@ -36,16 +51,70 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 PyTree = Any
-TrainingState = dict  # {'peft': PyTree, 'opt_state': PyTree, 'step': int, 'data_state': dict}
+TrainingState = dict
+
+
+def _stop_metric_leak() -> bool:
+  """Replaces Orbax's per-save TensorStore counter query (module docstring); True when it was found."""
+  try:
+    from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=g-import-not-at-top
+  except ImportError:  # Another Orbax layout: nothing to replace.
+    return False
+  if not hasattr(tensorstore_utils, "get_tensorstore_raw_bytes"):
+    return False
+
+  def no_raw_bytes(direction=None) -> int:
+    del direction
+    return 0
+
+  tensorstore_utils.get_tensorstore_raw_bytes = no_raw_bytes
+  return True
+
+
+_METRIC_LEAK_STOPPED = _stop_metric_leak()
+  # {'peft': PyTree, 'opt_state': PyTree, 'step': int, 'data_state': dict}
 
 PEFT = "peft"
 OPT_STATE = "opt_state"
 DATA_STATE = "data_state"
 STEP = "step"
-_ITEMS = (PEFT, OPT_STATE, DATA_STATE)
-_STATE_KEYS = (PEFT, OPT_STATE, STEP, DATA_STATE)
+FROZEN = "frozen"
+SPECS = "variable_specs"
+_ITEMS = (PEFT, OPT_STATE, DATA_STATE, FROZEN, SPECS)
+_STATE_KEYS = (PEFT, OPT_STATE, STEP, DATA_STATE, FROZEN, SPECS)
+_ARRAY_ITEMS = (PEFT, OPT_STATE, FROZEN)
 _COMMIT_FILE = "commit_success.txt"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's temporary step directories: `<step>.orbax-checkpoint-tmp[-n]`.
+
+
+class CheckpointReadError(ValueError):
+  """A saved step cannot be read (`corrupt`: damaged or truncated files) or does not fit the target."""
+
+  def __init__(self, message: str, corrupt: bool = False):
+    super().__init__(message)
+    self.corrupt = corrupt
+
+
+# TensorStore appends its whole JSON spec ([tensorstore_spec='{...}'], kilobytes) to every error.
+_TS_SPEC_RE = re.compile(r"\s*\[tensorstore_spec(?:\[\d+\])?='[^']*'\]")
+_CORRUPT_MARKERS = ("DATA_LOSS", "checksum", "Error decoding", "corrupt", "truncated", "Unexpected end")
+_MAX_DETAIL = 600
+
+
+def short_error(e: BaseException) -> str:
+  """`Type: message` without TensorStore's spec dumps, each line at most `_MAX_DETAIL` characters."""
+  lines = []
+  for line in _TS_SPEC_RE.sub("", str(e)).splitlines():
+    line = line.rstrip()
+    if line:
+      lines.append(line if len(line) <= _MAX_DETAIL else line[:_MAX_DETAIL] + " ...")
+  return f"{type(e).__name__}: " + "\n".join(lines[:40])
+
+
+def looks_corrupt(e: BaseException) -> bool:
+  """Whether a restore error reports damaged data rather than a target that does not fit."""
+  text = str(e)
+  return any(marker in text for marker in _CORRUPT_MARKERS)
 
 
 def _has_arrays(tree: PyTree) -> bool:
@@ -224,7 +293,8 @@ class TrainingCheckpointManager:
     Args:
       step: the training step; the directory name.
       state: `{'peft': pytree, 'opt_state': pytree, 'step': int (optional, must equal `step`),
-        'data_state': JSON-serializable dict (optional)}`.
+        'data_state': JSON-serializable dict (optional), 'frozen': pytree of the frozen method collections
+        (optional), 'variable_specs': JSON dict describing `peft` and `frozen` (optional)}`.
       metrics: scalars to store with the step; must contain `best_metric` when best tracking is on.
       force: save even when `step` is not a multiple of `save_interval_steps`.
 
@@ -235,15 +305,17 @@ class TrainingCheckpointManager:
     unknown = sorted(set(state) - set(_STATE_KEYS))
     if unknown or PEFT not in state or OPT_STATE not in state:
       raise ValueError(f"checkpoint state for step {step} has keys {sorted(state)}: expected 'peft' and "
-                       f"'opt_state', optionally 'step' and 'data_state'" +
+                       f"'opt_state', optionally 'step', 'data_state', 'frozen' and 'variable_specs'" +
                        (f"; unknown {unknown}" if unknown else ""))
     if STEP in state and int(np.asarray(state[STEP])) != step:
       raise ValueError(f"state['step'] = {int(np.asarray(state[STEP]))} differs from save(step={step})")
     data_state = dict(state.get(DATA_STATE) or {})
-    try:
-      json.dumps(data_state)
-    except (TypeError, ValueError) as e:
-      raise ValueError(f"state['data_state'] for step {step} is not JSON-serializable: {e}") from e
+    specs = state.get(SPECS)
+    for name, value in ((DATA_STATE, data_state), (SPECS, specs)):
+      try:
+        json.dumps(value)
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"state[{name!r}] for step {step} is not JSON-serializable: {e}") from e
     if metrics is not None:
       metrics = {k: float(np.asarray(v)) for k, v in metrics.items()}
       if self._best_metric is not None and self._best_metric not in metrics:
@@ -254,8 +326,10 @@ class TrainingCheckpointManager:
         logging.info("Checkpoint step %d already exists in %s; not overwriting", step, self._directory)
         return False
     items = {DATA_STATE: ocp.args.JsonSave(data_state)}
-    for name in (PEFT, OPT_STATE):
-      if _has_arrays(state[name]):  # Orbax refuses trees without arrays (e.g. optax.EmptyState()).
+    if specs is not None:
+      items[SPECS] = ocp.args.JsonSave(specs)
+    for name in _ARRAY_ITEMS:
+      if name in state and _has_arrays(state[name]):  # Orbax refuses trees without arrays (EmptyState()).
         items[name] = ocp.args.StandardSave(state[name])
     saved = self._manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
     if saved:
@@ -266,17 +340,42 @@ class TrainingCheckpointManager:
   # ------------------------------------------------------------------------------------------------------
   # Restore.
 
+  def has_item(self, step: int, name: str) -> bool:
+    """Whether step `step` holds item `name` (checkpoints of older versions lack `frozen` and the specs)."""
+    return (self._directory / str(int(step)) / name).exists()
+
+  def restore_specs(self, step: int) -> Optional[dict]:
+    """The `variable_specs` JSON of `step`, or None when the step predates them."""
+    step = int(step)
+    if not self._is_complete(step):
+      raise FileNotFoundError(f"no complete checkpoint for step {step} in {self._directory}: complete steps "
+                              f"are {self.all_steps()}")
+    if not self.has_item(step, SPECS):
+      return None
+    self.wait_until_finished()
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{SPECS: ocp.args.JsonRestore()}))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointReadError(f"cannot read {self._directory / str(step) / SPECS}: {short_error(e)}") from e
+    return dict(restored[SPECS] or {})
+
   def restore(self, step: int, abstract_state: Mapping[str, Any]) -> TrainingState:
     """Restores step `step` into the structure, dtypes and shardings of `abstract_state`.
 
     Args:
       step: a complete step (see `all_steps`).
-      abstract_state: `{'peft': tree, 'opt_state': tree}` whose leaves are `jax.ShapeDtypeStruct`s (with
-        `.sharding`; none means replicated) or arrays; other keys are ignored. Without 'opt_state' only
-        `peft` is restored (evaluation, export).
+      abstract_state: `{'peft': tree, 'opt_state': tree, 'frozen': tree}` whose leaves are
+        `jax.ShapeDtypeStruct`s (with `.sharding`; none means replicated) or arrays; other keys are
+        ignored. Without 'opt_state' only `peft` is restored (evaluation, export); 'frozen' is optional.
 
     Returns:
-      `{'peft', 'opt_state', 'step': step, 'data_state': dict}`.
+      `{'peft', 'opt_state', 'step': step, 'data_state': dict}`, plus `'frozen'` when the target asked for
+      it: the restored tree, or None when the step predates saved frozen collections (and the target has
+      arrays).
+
+    Raises:
+      CheckpointReadError: the step's files are damaged or do not fit the target (a short message that
+        names the step directory).
     """
     step = int(step)
     if not self._is_complete(step):
@@ -285,34 +384,75 @@ class TrainingCheckpointManager:
     if PEFT not in abstract_state:
       raise ValueError(f"restore target lacks {PEFT!r}: got keys {sorted(abstract_state)}")
     # Evaluation and export restore `peft` alone; training also restores `opt_state`.
-    wanted = [name for name in (PEFT, OPT_STATE) if name in abstract_state]
+    wanted = [name for name in _ARRAY_ITEMS if name in abstract_state]
     self.wait_until_finished()
     step_dir = self._directory / str(step)
     items = {DATA_STATE: ocp.args.JsonRestore()}
+    absent = set()
     for name in wanted:
       if _has_arrays(abstract_state[name]):
         if not (step_dir / name).exists():
+          if name == FROZEN:  # Saved by older versions without it: the caller decides.
+            absent.add(name)
+            continue
           raise ValueError(f"{step_dir} has no {name!r} item but the restore target has arrays there")
         items[name] = ocp.args.StandardRestore(_to_abstract(abstract_state[name], name))
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax's messages rarely say which checkpoint was read.
-      raise ValueError(f"restoring {step_dir} into the given target failed (does the target's tree match "
-                       f"the saved one?): {type(e).__name__}: {e}") from e
+      if looks_corrupt(e):
+        raise CheckpointReadError(f"checkpoint step {step} ({step_dir}) cannot be read: its files are "
+                                  f"damaged: {short_error(e)}", corrupt=True) from e
+      raise CheckpointReadError(f"restoring {step_dir} into the given target failed (does the target's tree "
+                                f"match the saved one?): {short_error(e)}") from e
     state = {STEP: step, DATA_STATE: dict(restored[DATA_STATE] or {})}
     for name in wanted:
       # A target without arrays (e.g. (EmptyState(),)) is its own value.
-      state[name] = restored[name] if name in items else abstract_state[name]
+      if name in absent:
+        state[name] = None
+      else:
+        state[name] = restored[name] if name in items else abstract_state[name]
     logging.info("Restored checkpoint step %d from %s", step, self._directory)
     return state
 
   def restore_latest(self, abstract_state: Mapping[str, Any]) -> Tuple[Optional[TrainingState], Optional[int]]:
-    """`(state, step)` of the latest complete step, or `(None, None)` when there is none."""
+    """`(state, step)` of the latest complete step, or `(None, None)` when there is none.
+
+    Raises:
+      CheckpointReadError: the latest step cannot be read; the message names the newest earlier step
+        that restores intact (each earlier step is tried), so the user can set the damaged one aside.
+    """
     step = self.latest_step()
     if step is None:
       logging.info("No checkpoint in %s: starting from scratch", self._directory)
       return None, None
-    return self.restore(step, abstract_state), step
+    try:
+      return self.restore(step, abstract_state), step
+    except CheckpointReadError as e:
+      if not e.corrupt:
+        raise
+      intact = self.intact_step_before(step, abstract_state)
+      if intact is not None:
+        hint = (f"Step {intact} restores intact: move {self._directory / str(step)} out of "
+                f"{self._directory} (keep it for inspection) and run again to resume from step {intact}.")
+      else:
+        hint = (f"No earlier step restores intact: move {self._directory / str(step)} out of "
+                f"{self._directory} and the run starts again from step 0.")
+      raise CheckpointReadError(f"{e}\n{hint}", corrupt=True) from e
+
+  def intact_step_before(self, step: int, abstract_state: Mapping[str, Any]) -> Optional[int]:
+    """The newest complete step before `step` that restores into `abstract_state`, or None.
+
+    Each candidate is restored in full (the only proof that it is intact); used on the error path only.
+    """
+    for candidate in reversed([s for s in self.all_steps() if s < step]):
+      try:
+        self.restore(candidate, abstract_state)
+      except CheckpointReadError as e:
+        logging.warning("Checkpoint step %d cannot be read either: %s", candidate, e)
+        continue
+      return candidate
+    return None
 
   def restore_best(self, abstract_state: Mapping[str, Any]) -> Tuple[Optional[TrainingState], Optional[int]]:
     """`(state, step)` of the best step by `best_metric`, or `(None, None)`."""

@@ -11,7 +11,9 @@ needed), then writes the requested formats under `export_dir`:
 ```
 
 Every format is checked before anything is written, so a method PEFT cannot represent fails the export
-in one line and leaves `export_dir` untouched. See `prompt_mix/export_formats.py` and docs/export.md.
+in one line and leaves `export_dir` untouched. A checkpoint with NaN or infinite values (an older version
+could save one) is refused, naming each such leaf, and nothing is written. See
+`prompt_mix/export_formats.py` and docs/export.md.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from prompt_mix import partitioning
 from prompt_mix.data import feature_converter as feature_converter_lib
 from prompt_mix.t5 import model as model_lib
 from prompt_mix.t5 import t5x_checkpoint
+from prompt_mix.training import settings
 from prompt_mix.training import setup
 
 FORMATS = ("npy", "safetensors", "peft", "t5x")
@@ -79,6 +82,12 @@ def export(model_dir: str = gin.REQUIRED,
   formats = _check_formats(formats)
   if not export_dir:
     raise ValueError("EXPORT_DIR is empty: pass --gin.EXPORT_DIR=\\\"/path/to/export\\\"")
+  if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+    raise ValueError(f"EXPORT_DIR {export_dir} is a file, not a directory: choose a directory (it is "
+                     "created when missing)")
+  settings.integer(num_partitions, "export", "num_partitions")
+  settings.integer(task_index, "export", "task_index", minimum=0, allow_none=True)
+  settings.feature_lengths(task_feature_lengths, "export")
   if "t5x" in formats and not model.trains_backbone:
     raise export_formats.ExportError("'t5x' writes a backbone checkpoint: only full fine-tuning trains the "
                                      "backbone; export this method as 'npy', 'safetensors' or 'peft'")
@@ -87,8 +96,11 @@ def export(model_dir: str = gin.REQUIRED,
                                      "hold it; export 'npy' or 'safetensors'")
   mesh = partitioning.make_mesh(num_partitions)
   shapes = feature_converter_lib.model_input_shapes(task_feature_lengths, 1)
-  target = setup.abstract_trainable(model, setup.dummy_batch(shapes), mesh)
-  trainable, step = setup.restore_checkpoint(model_dir, target, step, best_metric, best_mode)
+  step = setup.resolve_step(model_dir, step, best_metric, best_mode)
+  # From the checkpoint's variable specs when it has them: nothing the method read at init is needed.
+  target = setup.trainable_target(model, model_dir, step, setup.dummy_batch(shapes), mesh)
+  # Refuses (FloatingPointError naming each leaf) a step holding NaN or infinite values.
+  trainable, step = setup.restore_checkpoint(model_dir, target, step)
   # Every leaf to the host once (gathered across hosts if sharded); all processes take part in that.
   flat = export_formats.flatten_leaves(trainable)
   tree = export_formats.unflatten_leaves(flat)

@@ -27,6 +27,7 @@ from prompt_mix.data import feature_converter as feature_converter_lib
 from prompt_mix.data import task_ids as task_ids_lib
 from prompt_mix.t5 import model as model_lib
 from prompt_mix.training import evaluation
+from prompt_mix.training import settings
 from prompt_mix.training import setup
 
 
@@ -73,6 +74,11 @@ def infer(model_dir: str = gin.REQUIRED,
       of `window_batches` batches is predicted shortest input first, each batch's inputs padded to their
       bucket only; lines are written in the examples' order either way.
   """
+  for name, value in (("batch_size", batch_size), ("num_decodes", num_decodes),
+                      ("num_partitions", num_partitions)):
+    settings.integer(value, "infer", name)
+  settings.integer(max_examples_per_task, "infer", "max_examples_per_task", allow_none=True)
+  settings.feature_lengths(task_feature_lengths, "infer")
   mixture = seqio.get_mixture_or_task(mixture_or_task_name)
   length_buckets = length_buckets or buckets_lib.LengthBuckets()
   buckets = length_buckets.resolve(task_feature_lengths)

@@ -15,6 +15,8 @@ import gin
 import jax.numpy as jnp
 import optax
 
+from prompt_mix.training import settings
+
 DECAYS = ("constant", "linear", "cosine", "rsqrt")
 
 
@@ -88,6 +90,10 @@ def make_optimizer(name: str = "adafactor", learning_rate: float = 0.3, warmup_s
   Returns:
     A `ScheduledTransformation`: `tx.learning_rates(count)` gives each group's rate (the trainer logs it).
   """
+  settings.number(learning_rate, "make_optimizer", "learning_rate")
+  settings.integer(warmup_steps, "make_optimizer", "warmup_steps", minimum=0)
+  if total_steps is not None:  # Bound to TRAIN_STEPS, which gin evaluates before `train` checks it.
+    settings.integer(total_steps, "make_optimizer", "total_steps")
   schedules = {}
 
   def tx_for(group, lr):

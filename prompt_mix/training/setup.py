@@ -3,6 +3,13 @@
 `params` comes from `INITIAL_CHECKPOINT_PATH` (any format `checkpoints.load_backbone` reads), or from a
 random initialization only when a run asks for it explicitly (`random_init_backbone=True`: pre-training a
 toy backbone, as the demo does). Never a silent fallback to random weights.
+
+A trained run is self-contained: its checkpoints hold the trainable tree, the method's frozen collections
+other than the backbone (`method_collections`, e.g. source prompts read from a prompt library at the
+first start) and their `variable_specs` (shapes, dtypes, logical axis names). `restore_trained` rebuilds
+those collections from the checkpoint alone, never from their original source, so a library changed or
+removed after training changes nothing. Checkpoints of older versions (no specs) fall back to building
+the collections from their source, with a warning that says so.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import os
 from typing import Any, Mapping, Optional
 
 from absl import logging
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,6 +41,7 @@ class RunVariables:
     frozen: every other collection (`params`, frozen method values), sharded.
     trainable_boxed: abstract boxed tree of `trainable` (logical names), for optimizer-state shardings.
     trainable_shardings / frozen_shardings: `NamedSharding` trees.
+    frozen_boxed: abstract boxed tree of `frozen` (logical names).
   """
 
   trainable: Any
@@ -40,6 +49,7 @@ class RunVariables:
   trainable_boxed: Any
   trainable_shardings: Any
   frozen_shardings: Any
+  frozen_boxed: Any = None
 
 
 def dummy_batch(shapes: Mapping[str, tuple[int, ...]]) -> dict:
@@ -55,8 +65,9 @@ def load_backbone_params(model: model_lib.EncoderDecoderModel, initial_checkpoin
                          random_init_backbone: bool, batch: Mapping[str, Array]) -> Any:
   """The backbone tree (numpy or jax arrays, unboxed).
 
-  A random backbone always comes from `RANDOM_BACKBONE_SEED`, so train, eval and infer of the same run
-  see the same one.
+  A random backbone always comes from `RANDOM_BACKBONE_SEED`, initialized by the plain backbone (the
+  model without its method), so train, eval and infer of the same run see the same one and nothing the
+  method reads at init (a prompt library) is needed for it.
   """
   if initial_checkpoint_path:
     if random_init_backbone:
@@ -69,7 +80,8 @@ def load_backbone_params(model: model_lib.EncoderDecoderModel, initial_checkpoin
                      "(a T5X, Orbax or HF checkpoint), or set random_init_backbone=True to train a "
                      "backbone from scratch on purpose")
   logging.warning("Initializing the backbone at random (random_init_backbone=True)")
-  return nn.unbox(model.init(jax.random.PRNGKey(RANDOM_BACKBONE_SEED), batch)["params"])
+  plain = dataclasses.replace(model, deltas=())
+  return nn.unbox(plain.init(jax.random.PRNGKey(RANDOM_BACKBONE_SEED), batch)["params"])
 
 
 def build_variables(model: model_lib.EncoderDecoderModel, params: Any, rng: Array,
@@ -95,18 +107,101 @@ def build_variables(model: model_lib.EncoderDecoderModel, params: Any, rng: Arra
   return RunVariables(
       trainable=everything[name], frozen=frozen, trainable_boxed=boxed[name],
       trainable_shardings=shardings[name],
-      frozen_shardings={k: v for k, v in shardings.items() if k != name})
+      frozen_shardings={k: v for k, v in shardings.items() if k != name},
+      frozen_boxed={k: v for k, v in boxed.items() if k != name})
 
 
 def count(tree: Any) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
+BACKBONE = "params"
+SPECS_VERSION = 1
+
+
+def trainable_name(model: model_lib.EncoderDecoderModel) -> str:
+  """The trainable collection: `peft`, or the backbone `params` for full fine-tuning."""
+  return BACKBONE if model.trains_backbone else "peft"
+
+
+def method_collections(frozen: Mapping[str, Any]) -> dict:
+  """The frozen collections other than the backbone: a method's frozen values (e.g. source prompts)."""
+  return {k: v for k, v in frozen.items() if k != BACKBONE}
+
+
+def variable_specs(boxed: Mapping[str, Any]) -> dict:
+  """A JSON description of boxed abstract collections, saved with each checkpoint.
+
+  Returns:
+    `{'version': 1, 'collections': {collection: {'a/b/c': {'shape': [...], 'dtype': 'float32',
+    'axes': [logical names] or None}}}}`.
+  """
+  collections = {}
+  for collection, tree in boxed.items():
+    leaves = {}
+    for path, leaf in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/").items():
+      boxed_leaf = isinstance(leaf, nn.LogicallyPartitioned)
+      value = leaf.value if boxed_leaf else leaf
+      leaves[path] = {"shape": [int(d) for d in value.shape], "dtype": np.dtype(value.dtype).name,
+                      "axes": list(leaf.names) if boxed_leaf else None}
+    collections[collection] = leaves
+  return {"version": SPECS_VERSION, "collections": collections}
+
+
+def boxed_from_specs(specs: Mapping[str, Any]) -> dict:
+  """The boxed abstract collections (`LogicallyPartitioned(ShapeDtypeStruct)`) `variable_specs` describes."""
+  if specs.get("version") != SPECS_VERSION:
+    raise ValueError(f"variable_specs version {specs.get('version')!r}; this version reads {SPECS_VERSION}")
+  out = {}
+  for collection, leaves in specs["collections"].items():
+    flat = {}
+    for path, leaf in leaves.items():
+      value = jax.ShapeDtypeStruct(tuple(leaf["shape"]), jnp.dtype(leaf["dtype"]))
+      axes = leaf.get("axes")
+      flat[tuple(path.split("/"))] = nn.LogicallyPartitioned(value, tuple(axes)) if axes is not None else value
+    out[collection] = flax.traverse_util.unflatten_dict(flat)
+  return out
+
+
+def abstract_init_with(model: model_lib.EncoderDecoderModel, batch: Mapping[str, Array],
+                       given: Mapping[str, Any]) -> dict:
+  """The boxed shapes of every collection when the `given` ones exist already.
+
+  Only what `given` lacks is initialized (abstractly), so nothing a given collection was built from (a
+  prompt library, a file) is read again.
+  """
+  rng = jax.random.PRNGKey(0)
+
+  def init(variables):
+    _, state = model.module.apply(
+        variables, batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+        batch["decoder_target_tokens"], task_ids=batch.get("task_ids"), enable_dropout=False,
+        rngs={"params": rng, "dropout": rng}, mutable=flax.core.DenyList([model_lib.INTERMEDIATES]))
+    return dict(state)
+
+  return jax.eval_shape(init, dict(given))
+
+
+def _check_no_new_leaves(abstract: Mapping[str, Any], given: Mapping[str, Any], where: str) -> None:
+  """The model must not build method variables the checkpoint lacks (a different method or size)."""
+  new = []
+  for collection, tree in abstract.items():
+    if collection == BACKBONE:
+      continue
+    have = set(model_lib.flatten(given.get(collection, {})))
+    new += [f"{collection}/{k}" for k in sorted(set(model_lib.flatten(tree)) - have)]
+  if new:
+    shown = ", ".join(new[:20]) + (f" and {len(new) - 20} more" if len(new) > 20 else "")
+    raise ValueError(f"the model builds variables that {where} does not have: {shown}. Are the model and "
+                     "method gin files the training run's (its config.gin)?")
+
+
 def restore_trained(model: model_lib.EncoderDecoderModel, model_dir: str,
                     initial_checkpoint_path: Optional[str], batch: Mapping[str, Array],
                     mesh: jax.sharding.Mesh, step: Optional[int | str] = None,
                     random_init_backbone: bool = False, rules=None) -> tuple[dict, int]:
-  """All variables of a trained run: the backbone plus the `peft` of a training checkpoint.
+  """All variables of a trained run: the backbone plus the trainable and frozen method collections of a
+  training checkpoint (module docstring).
 
   Args:
     model_dir: the training run's MODEL_DIR (checkpoints under `<model_dir>/checkpoints`).
@@ -115,14 +210,78 @@ def restore_trained(model: model_lib.EncoderDecoderModel, model_dir: str,
     (variables, step restored).
   """
   checkpoint_dir(model_dir)  # Fails before loading the backbone when there is nothing to restore.
-  rng = jax.random.PRNGKey(0)
+  step = resolve_step(model_dir, step)
+  specs = read_specs(model_dir, step)
   params = load_backbone_params(model, initial_checkpoint_path, random_init_backbone, batch)
-  run = build_variables(model, params, rng, batch, mesh, rules)
-  target = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.trainable)
-  trainable, step = restore_checkpoint(model_dir, target, step)
-  variables = model_lib.merge_trainable(trainable, run.frozen, model.trains_backbone)
+  from prompt_mix.training import run_record  # pylint: disable=g-import-not-at-top
+  run_record.check_for_use(model_dir, run_record.make_record(model.config, params, initial_checkpoint_path,
+                                                             random_init_backbone))
+  name = trainable_name(model)
+  where = f"checkpoint step {step} of {model_dir}"
+  if specs is None:  # An older version's checkpoint: the frozen collections come from their source.
+    run = build_variables(model, params, jax.random.PRNGKey(0), batch, mesh, rules)
+    methods = method_collections(run.frozen)
+    if methods:
+      logging.warning("%s predates saved frozen collections: %s are rebuilt from their source (e.g. the "
+                      "prompt library) as it is now; if it changed since training, results differ",
+                      where, sorted(methods))
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.trainable)
+    trainable, _ = restore_run_state(model_dir, step, target)
+    return model_lib.merge_trainable(trainable, run.frozen, model.trains_backbone), step
+  given = boxed_from_specs(specs)
+  abstract = abstract_init_with(model, batch, given)
+  _check_no_new_leaves(abstract, given, where)
+  targets = partitioning.abstract_with_shardings(abstract, mesh, rules)
+  frozen_target = method_collections({k: v for k, v in targets.items() if k != name})
+  trainable, frozen = restore_run_state(model_dir, step, targets[name], frozen_target)
+  variables = dict(frozen or {})
+  if name != BACKBONE:
+    shardings = partitioning.logical_to_sharding(abstract[BACKBONE], mesh, rules)
+    variables[BACKBONE] = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params), shardings)
+  variables[name] = trainable
+  logging.info("Restored %s with %s from the checkpoint", where, sorted(k for k in variables if k != BACKBONE))
   return variables, step
+
+
+def read_specs(model_dir: str, step: int) -> Optional[dict]:
+  """The `variable_specs` saved with `step`, or None for a checkpoint of an older version."""
+  from prompt_mix.training import checkpointing  # pylint: disable=g-import-not-at-top
+  with checkpointing.TrainingCheckpointManager(checkpoint_dir(model_dir), read_only=True) as manager:
+    return manager.restore_specs(step)
+
+
+def resolve_step(model_dir: str, step: Optional[int | str] = None, best_metric: Optional[str] = None,
+                 best_mode: str = "max") -> int:
+  """The step number that `step` (None: latest, 'best', or a number) names in `model_dir`'s checkpoints.
+
+  Raises:
+    FileNotFoundError naming the checkpoint directory when it or the step does not exist.
+  """
+  from prompt_mix.training import checkpointing  # pylint: disable=g-import-not-at-top
+  directory = checkpoint_dir(model_dir)
+  with checkpointing.TrainingCheckpointManager(directory, read_only=True) as manager:
+    steps = manager.all_steps()
+    resolved = step
+    if step is None:
+      resolved = manager.latest_step()
+    elif step == "best":
+      resolved = _best_step(manager, directory, best_metric, best_mode)
+    if resolved is None or resolved not in steps:
+      which = "" if resolved is None else f" {resolved}"
+      raise FileNotFoundError(f"No training checkpoint{which} in {directory} (steps there: {steps})")
+  return int(resolved)
+
+
+def trainable_target(model: model_lib.EncoderDecoderModel, model_dir: str, step: int,
+                     batch: Mapping[str, Array], mesh: jax.sharding.Mesh, rules=None) -> Any:
+  """The restore target of a checkpoint's trainable tree: from its `variable_specs` when it has them (no
+  model init, so nothing a method reads at init is needed), else from the model (`abstract_trainable`)."""
+  specs = read_specs(model_dir, step)
+  name = trainable_name(model)
+  if specs is not None and name in specs.get("collections", {}):
+    return partitioning.abstract_with_shardings(boxed_from_specs(specs)[name], mesh, rules)
+  return abstract_trainable(model, batch, mesh, rules)
 
 
 def checkpoint_dir(model_dir: str) -> str:
@@ -152,7 +311,7 @@ def restore_checkpoint(model_dir: str, target: Any, step: Optional[int | str] = 
   """The trainable tree of one training checkpoint of `model_dir`, restored into `target`.
 
   Args:
-    target: the trainable tree as `jax.ShapeDtypeStruct`s with shardings (`abstract_trainable`).
+    target: the trainable tree as `jax.ShapeDtypeStruct`s with shardings (`trainable_target`).
     step: a step number, None for the latest, or 'best': the best step by `best_metric` (`best_mode`
       'max' or 'min'); without `best_metric`, the one metric the run saved with its checkpoints.
   Returns:
@@ -160,19 +319,46 @@ def restore_checkpoint(model_dir: str, target: Any, step: Optional[int | str] = 
   Raises:
     FileNotFoundError naming the checkpoint directory when it or the step does not exist.
   """
+  step = resolve_step(model_dir, step, best_metric, best_mode)
+  trainable, _ = restore_run_state(model_dir, step, target)
+  return trainable, step
+
+
+def restore_run_state(model_dir: str, step: int, target: Any,
+                      frozen_target: Optional[Mapping[str, Any]] = None) -> tuple[Any, Optional[dict]]:
+  """(trainable tree, frozen method collections or None) of checkpoint `step`, checked to be finite.
+
+  Raises:
+    CheckpointReadError: the step is damaged (naming an earlier step that restores intact) or does not fit.
+    FloatingPointError: the step holds NaN or infinite values (an older version could save them), naming
+      each leaf.
+  """
   from prompt_mix.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from prompt_mix.training import finite  # pylint: disable=g-import-not-at-top
   directory = checkpoint_dir(model_dir)
+  abstract = {"peft": target}
+  if frozen_target:
+    abstract["frozen"] = dict(frozen_target)
   with checkpointing.TrainingCheckpointManager(directory, read_only=True) as manager:
-    steps = manager.all_steps()
-    if step is None:
-      step = manager.latest_step()
-    elif step == "best":
-      step = _best_step(manager, directory, best_metric, best_mode)
-    if step is None or step not in steps:
-      raise FileNotFoundError(f"No training checkpoint {'' if step is None else step} in {directory} "
-                              f"(steps there: {steps})")
-    restored = manager.restore(step, {"peft": target})
-  return restored["peft"], int(step)
+    try:
+      restored = manager.restore(step, abstract)
+    except checkpointing.CheckpointReadError as e:
+      if not e.corrupt:
+        raise
+      intact = manager.intact_step_before(step, abstract)
+      hint = (f"step {intact} restores intact: pass --gin.CHECKPOINT_STEP={intact}" if intact is not None
+              else "no earlier step restores intact")
+      raise checkpointing.CheckpointReadError(f"{e}\n{hint}", corrupt=True) from e
+  trainable, frozen = restored["peft"], restored.get("frozen")
+  if frozen_target and frozen is None:
+    raise ValueError(f"checkpoint step {step} of {directory} has variable specs but no frozen collections "
+                     f"{sorted(frozen_target)}: the step is incomplete")
+  bad = {**finite.nonfinite_counts(trainable, "trainable/"), **finite.nonfinite_counts(frozen or {}, "frozen/")}
+  if bad:
+    raise FloatingPointError(f"checkpoint step {step} of {directory} holds NaN or infinite values (written "
+                             f"before the trainer checked what it saves); pick an earlier step with "
+                             f"CHECKPOINT_STEP:\n{finite.describe(bad)}")
+  return trainable, frozen
 
 
 def _best_step(manager, directory: str, best_metric: Optional[str], best_mode: str) -> Optional[int]:

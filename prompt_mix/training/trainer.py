@@ -4,10 +4,17 @@ One jitted step updates the trainable collection (docs/design.md, Variables) on 
 data come from SeqIO; every `checkpoint_period` steps the trainable state, the optimizer state, the step
 and the data position are saved atomically with Orbax, and a restarted run resumes from the latest save
 with the same data order. Evaluation runs every `eval_period` steps through SeqIO's evaluator.
+
+What keeps a run honest (docs/reliability.md): numeric settings are checked first; the backbone is
+recorded at the first start and a resume on another one is refused (`run_record`); the state about to be
+saved is checked for NaN/inf, so no non-finite checkpoint is ever written; the method's frozen
+collections (e.g. ATTEMPT's source prompts) are saved with every checkpoint and restored from it on
+resume; each start keeps its own copy of the gin config.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -29,13 +36,16 @@ from prompt_mix.peft import report as report_lib
 from prompt_mix.t5 import model as model_lib
 from prompt_mix.training import checkpointing
 from prompt_mix.training import evaluation
+from prompt_mix.training import finite
 from prompt_mix.training import optimizers
+from prompt_mix.training import run_record
+from prompt_mix.training import settings
 from prompt_mix.training import setup
 from prompt_mix.training import step as step_lib
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN or infinite; the last good checkpoint is kept."""
+  """The loss or the state to be saved became NaN or infinite; the last good checkpoint is kept."""
 
 
 def train_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], batch_size: int,
@@ -104,7 +114,8 @@ def train(model_dir: str = gin.REQUIRED,
           log_period: int = 10,
           task_names: Optional[Sequence[str]] = None,
           dropout: bool = True,
-          stop_after_steps: Optional[int] = None) -> dict:
+          stop_after_steps: Optional[int] = None,
+          keep_eval_outputs: Optional[int] = 5) -> dict:
   """Trains the method of `model` on `mixture_or_task_name`; returns the final metrics.
 
   Args:
@@ -118,7 +129,14 @@ def train(model_dir: str = gin.REQUIRED,
     best_metric: '<task>/<metric>' (as SeqIO reports it) whose best checkpoint is kept.
     task_names: local task order for `task_ids` (ATTEMPT-m / prompt banks with a `tasks` axis).
     stop_after_steps: end this process after that many steps of this run (resumable; for tests).
+    keep_eval_outputs: per-step evaluation files (predictions, metrics, attention) of this many latest
+      evaluated steps are kept under `<model_dir>/eval`; None keeps all.
   """
+  _check_settings(train_steps=train_steps, batch_size=batch_size, eval_period=eval_period,
+                  eval_batch_size=eval_batch_size, checkpoint_period=checkpoint_period,
+                  keep_checkpoints=keep_checkpoints, num_partitions=num_partitions, seed=seed,
+                  log_period=log_period, stop_after_steps=stop_after_steps,
+                  keep_eval_outputs=keep_eval_outputs, task_feature_lengths=task_feature_lengths)
   os.makedirs(model_dir, exist_ok=True)
   mesh = partitioning.make_mesh(num_partitions)
   rules = partitioning.standard_logical_axis_rules()
@@ -130,6 +148,7 @@ def train(model_dir: str = gin.REQUIRED,
   init_rng, dropout_rng = jax.random.split(rng)
 
   params = setup.load_backbone_params(model, initial_checkpoint_path, random_init_backbone, init_batch)
+  backbone = run_record.make_record(model.config, params, initial_checkpoint_path, random_init_backbone)
   run = setup.build_variables(model, params, init_rng, init_batch, mesh, rules)
   del params
   logging.info("Trainable parameters:\n%s", report_lib.format_report(
@@ -142,22 +161,26 @@ def train(model_dir: str = gin.REQUIRED,
   manager = checkpointing.TrainingCheckpointManager(
       os.path.join(model_dir, "checkpoints"), max_to_keep=keep_checkpoints, best_metric=best_metric,
       best_mode=best_mode)
+  run_record.check_or_record(model_dir, backbone, manager.latest_step() is not None)
   abstract_state = {
       "peft": jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                      run.trainable),
       "opt_state": jax.tree_util.tree_map(
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), opt_state),
       "data_state": {"batches": 0},
+      "frozen": _abstract(setup.method_collections(run.frozen)),
   }
   restored, start_step = manager.restore_latest(abstract_state)
   trainable = run.trainable
   if restored is not None:
     trainable, opt_state = restored["peft"], restored["opt_state"]
+    run = _with_saved_frozen(run, restored.get("frozen"), start_step)
     logging.info("Resumed from step %d (%s)", start_step, manager.directory)
   start_step = start_step or 0
   skip = int(restored["data_state"]["batches"]) if restored is not None else 0  # One batch per step.
+  saved_extras = _saved_extras(model, run)
 
-  gin_utils.write_gin_config(model_dir)
+  gin_utils.write_gin_config(model_dir, start_step=start_step)
 
   step_fn = step_lib.make_train_step(model, tx)
   batch_sharding = None
@@ -166,7 +189,8 @@ def train(model_dir: str = gin.REQUIRED,
   if eval_period:
     evaluator = evaluation.Evaluator(
         model, eval_mixture_or_task_name or mixture_or_task_name, converter, task_feature_lengths,
-        split=eval_split, batch_size=eval_batch_size or batch_size, log_dir=model_dir)
+        split=eval_split, batch_size=eval_batch_size or batch_size,
+        log_dir=os.path.join(model_dir, EVAL_DIR), keep_outputs=keep_eval_outputs)
   writer = _metric_writer(model_dir)
   buckets_lib.check_model(model, buckets_lib.LengthBuckets().resolve(task_feature_lengths), training=True)
   data = train_dataset(mixture_or_task_name, task_feature_lengths, batch_size, converter, seed, skip)
@@ -197,10 +221,11 @@ def train(model_dir: str = gin.REQUIRED,
       # non-finite state is never written and the last good checkpoint stays the latest.
       loss_value, grad_norm = float(loss), float(aux["grad_norm"])
       if not (np.isfinite(loss_value) and np.isfinite(grad_norm)):
+        _close_on_error(manager)
         raise NonFiniteLossError(
-            f"Loss {loss_value} / gradient norm {grad_norm} at step {step}: stopping. The last good "
-            f"checkpoint (step {manager.latest_step()}) is kept in {manager.directory}; lower the "
-            "learning rate or enable clipping (make_optimizer.clip_grad_norm).")
+            f"Loss {loss_value} / gradient norm {grad_norm} at step {step}: stopping. "
+            f"{_last_good(manager)}; lower the learning rate or enable clipping "
+            "(make_optimizer.clip_grad_norm).")
       now = time.time()
       steps_per_sec = (step - tick_step) / max(now - tick, 1e-9)
       tokens_per_sec = (tokens - tick_tokens) / max(now - tick, 1e-9)
@@ -222,19 +247,106 @@ def train(model_dir: str = gin.REQUIRED,
       writer.write_scalars(step, {k: v for k, v in eval_metrics.items() if _is_number(v)})
       metrics.update(eval_metrics)
     if must_save:
+      _check_state_to_save(trainable, opt_state, step, manager)
       save_metrics = None
       if best_metric:  # Steps saved without an evaluation rank last.
         worst = float("-inf") if best_mode == "max" else float("inf")
         save_metrics = {best_metric: (eval_metrics or {}).get(best_metric, worst)}
       manager.save(step, {"peft": trainable, "opt_state": opt_state, "step": step,
-                          "data_state": {"batches": step}}, metrics=save_metrics)
+                          "data_state": {"batches": step}, **saved_extras}, metrics=save_metrics)
   manager.wait_until_finished()
   manager.close()
   writer.flush()
   metrics["step"] = step
-  with open(os.path.join(model_dir, "train_metrics.json"), "w") as f:
-    json.dump({k: v for k, v in metrics.items() if _is_number(v)}, f, indent=2)
+  if jax.process_index() == 0:  # One writer (all processes hold the same global values).
+    gin_utils.write_text_atomically(os.path.join(model_dir, "train_metrics.json"), json.dumps(
+        {k: v for k, v in metrics.items() if _is_number(v)}, indent=2), "the training metrics")
   return metrics
+
+
+EVAL_DIR = "eval"  # Where evaluations during training go: the same place as the eval binary's.
+
+
+def _check_settings(task_feature_lengths, **counts) -> None:
+  """One-line errors naming a bad numeric setting (`TRAIN_STEPS=-5`, `BATCH_SIZE=0`, `'ten'`, 4.5)."""
+  optional = {"eval_period", "eval_batch_size", "checkpoint_period", "stop_after_steps", "keep_eval_outputs"}
+  for name, value in counts.items():
+    settings.integer(value, "train", name, minimum=0 if name == "seed" else 1, allow_none=name in optional)
+  settings.feature_lengths(task_feature_lengths, "train")
+
+
+def _abstract(tree):
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _saved_extras(model, run: setup.RunVariables) -> dict:
+  """What each checkpoint carries beyond the trainable state: the frozen method collections and the
+  variable specs that let eval/infer/export rebuild them without their source (setup.restore_trained)."""
+  methods = setup.method_collections(run.frozen)
+  boxed = {setup.trainable_name(model): run.trainable_boxed,
+           **setup.method_collections(run.frozen_boxed or {})}
+  return {"frozen": methods, "variable_specs": setup.variable_specs(boxed)}
+
+
+def _with_saved_frozen(run: setup.RunVariables, saved: Optional[dict], step: int) -> setup.RunVariables:
+  """`run` with its frozen method collections replaced by the ones saved with checkpoint `step`.
+
+  A resume keeps training with what the run started with, even when the source (a prompt library) changed
+  since; the change is logged. A checkpoint of an older version (nothing saved) keeps the source's values.
+  """
+  methods = setup.method_collections(run.frozen)
+  if not methods:
+    return run
+  if saved is None:
+    logging.warning("Checkpoint step %d predates saved frozen collections: %s come from their source "
+                    "(e.g. the prompt library) as it is now", step, sorted(methods))
+    return run
+  changed = [name for name in methods if _differs(methods[name], saved[name])]
+  if changed:
+    logging.warning("The source of %s changed since this run started (e.g. a prompt library entry was "
+                    "overwritten); training continues with the values saved in checkpoint step %d",
+                    changed, step)
+  return dataclasses.replace(run, frozen={**run.frozen, **saved})
+
+
+def _differs(a, b) -> bool:
+  """Whether two trees differ in structure, shapes or any value (compared on device)."""
+  if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
+    return True
+  if any(x.shape != y.shape for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))):
+    return True
+  equal = jax.jit(lambda x, y: jnp.all(jnp.stack([jnp.array_equal(u, v) for u, v in zip(
+      jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y))])))(a, b)
+  return not bool(equal)
+
+
+def _last_good(manager: checkpointing.TrainingCheckpointManager) -> str:
+  latest = manager.latest_step()
+  if latest is None:
+    return f"No checkpoint was saved yet in {manager.directory}"
+  return f"The last good checkpoint (step {latest}) is kept in {manager.directory}"
+
+
+def _check_state_to_save(trainable, opt_state, step: int,
+                         manager: checkpointing.TrainingCheckpointManager) -> None:
+  """The NaN guard on what is saved: the updated trainable state and the optimizer state (the loss of a
+  step comes from the weights before its update, so it cannot vouch for them)."""
+  bad = {**finite.nonfinite_counts(trainable, "trainable/"), **finite.nonfinite_counts(opt_state, "opt_state/")}
+  if bad:
+    _close_on_error(manager)
+    raise NonFiniteLossError(
+        f"The state after step {step} holds NaN or infinite values; it is not saved. {_last_good(manager)}; "
+        f"lower the learning rate or enable clipping (make_optimizer.clip_grad_norm):\n{finite.describe(bad)}")
+
+
+def _close_on_error(manager: checkpointing.TrainingCheckpointManager) -> None:
+  """Closes the checkpoint manager before a fatal error leaves the loop (its background threads and event
+  loop otherwise die at interpreter exit, printing a traceback after the FATAL line)."""
+  try:
+    manager.wait_until_finished()
+    manager.close()
+  except Exception:  # pylint: disable=broad-except  # The error being raised matters more.
+    logging.exception("Closing the checkpoint manager failed")
 
 
 def _variables(model, trainable, frozen) -> dict:
@@ -258,5 +370,6 @@ def _learning_rate_scalars(tx, step: int) -> dict[str, float]:
 
 
 def _metric_writer(model_dir: str):
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
-  return metric_writers.create_default_writer(model_dir, just_logging=jax.process_index() > 0)
+  # Not clu's default writer: TensorFlow's summary ops keep memory on every call (summary_writer.py).
+  from prompt_mix.training import summary_writer  # pylint: disable=g-import-not-at-top
+  return summary_writer.create_writer(model_dir, just_logging=jax.process_index() > 0)
