@@ -437,15 +437,7 @@ def peft_adapter_delta_and_tree(directory: PathLike, config: T5Config, *, name: 
   """
   from prompt_mix.t5 import model as model_lib  # pylint: disable=g-import-not-at-top
   directory = os.fspath(directory)
-  adapter, tensors = read_peft_adapter(directory)
-  source = f"{directory}/{ADAPTER_CONFIG_FILE}"
-  if adapter.get("task_type") != SEQ2SEQ:
-    raise ValueError(f"{source}: task_type {adapter.get('task_type')!r}; a T5 adapter is {SEQ2SEQ!r}")
-  cls = _reader(adapter.get("peft_type"), source)
-  try:
-    delta, tree = cls.from_peft(adapter, tensors, config, name=name, approximate=approximate_prefix)
-  except KeyError as e:
-    raise ValueError(f"{source}: missing field or tensor {e}") from None
+  delta, tree = _from_peft(directory, config, name, approximate_prefix)
   found = {k: tuple(v.shape) for k, v in flatten_leaves(tree).items()}
   batch = {k: jnp.ones((1, 4), jnp.int32) for k in ("encoder_input_tokens", "decoder_input_tokens",
                                                      "decoder_target_tokens")}
@@ -471,14 +463,19 @@ def load_peft_adapter(directory: PathLike, config: Optional[T5Config] = None, *,
   """
   if config is not None:
     return peft_adapter_delta_and_tree(directory, config, name=name, approximate_prefix=approximate_prefix)[1]
-  directory = os.fspath(directory)
+  return _from_peft(os.fspath(directory), None, name, approximate_prefix)[1]
+
+
+def _from_peft(directory: str, config: Optional[T5Config], name: Optional[str],
+               approximate_prefix: bool) -> tuple[plugins.Delta, dict]:
+  """`Delta.from_peft` of the method that declares the adapter's `peft_type`, errors naming the file."""
   adapter, tensors = read_peft_adapter(directory)
   source = f"{directory}/{ADAPTER_CONFIG_FILE}"
   if adapter.get("task_type") != SEQ2SEQ:
     raise ValueError(f"{source}: task_type {adapter.get('task_type')!r}; a T5 adapter is {SEQ2SEQ!r}")
   cls = _reader(adapter.get("peft_type"), source)
   try:
-    return cls.from_peft(adapter, tensors, None, name=name, approximate=approximate_prefix)[1]
+    return cls.from_peft(adapter, tensors, config, name=name, approximate=approximate_prefix)
   except KeyError as e:
     raise ValueError(f"{source}: missing field or tensor {e}") from None
 

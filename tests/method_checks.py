@@ -41,6 +41,22 @@ def make_batch(batch_size=4, inputs=6, targets=3, task_ids=None, seed=0) -> dict
   return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+def jit_init(model, batch) -> dict:
+  """All variables of `model`, initialized by a jitted init (faster than eager on these tiny shapes)."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  return nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch))
+
+
+def tiny_library(path, names=("a", "b"), shape=(3, 8)) -> str:
+  """A prompt library at `path` holding random N(0, 1) prompts of `shape` named `names`; returns its path."""
+  from prompt_mix.attempt import library as library_lib  # pylint: disable=g-import-not-at-top
+  lib = library_lib.PromptLibrary(path)
+  rng = np.random.RandomState(0)
+  for name in names:
+    lib.add(name, rng.normal(size=shape).astype(np.float32), backbone="tiny", task=name)
+  return lib.path
+
+
 def init(model, batch, seed=0) -> dict:
   import flax.linen as nn
   return nn.unbox(model.init(jax.random.PRNGKey(seed), batch))

@@ -36,16 +36,11 @@ NUM_INPUTS, NUM_OPTIONS = 5, 3
 
 
 def _init(model, batch):
-  """All variables of `model`, initialized by a jitted init (faster than eager on these tiny shapes)."""
-  return nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), batch))
+  return method_checks.jit_init(model, batch)
 
 
 def _library(tmp_path) -> str:
-  lib = library_lib.PromptLibrary(tmp_path / "library")
-  rng = np.random.RandomState(0)
-  for name in ("a", "b"):
-    lib.add(name, rng.normal(size=(3, 8)).astype(np.float32), backbone="tiny", task=name)
-  return lib.path
+  return method_checks.tiny_library(tmp_path / "library")
 
 
 METHODS = {  # Each with per-task leaves selected by task_ids, or input-dependent prompts, or decoder sites.
