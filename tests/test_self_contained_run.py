@@ -157,3 +157,27 @@ def test_checkpoint_of_an_older_version_falls_back_to_the_library(trained, tmp_p
     _, variables = _scores(_model(root / "library"), run)
   assert "predates saved frozen collections" in caplog.text
   np.testing.assert_array_equal(_sources(variables), original)
+
+
+def test_rebuild_from_source_takes_a_pruned_set_of_sources_from_the_library(trained, tmp_path):
+  """A change made on purpose (attention pruning keeps source 'b' only): the named collection is built from
+  the library as configured now; the trainable tree still comes from the checkpoint."""
+  root, lib, model_dir, _, original = trained
+  restored, _ = _restore(_model(lib.path), model_dir)
+  pruned = attempt_lib.Attempt(library_path=lib.path, source_names=("b",), prompt_length=M,
+                               target_init="init", bottleneck=4)
+  model = model_lib.EncoderDecoderModel(config_lib.preset("tiny", vocab_size=384, dropout_rate=0.0),
+                                        (pruned,))
+  shapes = feature_converter.model_input_shapes(LENGTHS, 8)
+  args = (model, str(model_dir), None, setup.dummy_batch(shapes), partitioning.make_mesh(1))
+  with pytest.raises(ValueError, match=r"has shape \(2, 4, 8\)"):  # The checkpoint's two sources.
+    setup.restore_trained(*args, random_init_backbone=True)
+  with pytest.raises(ValueError, match=r"names \['prompt_libary'\], which checkpoint step 2 .* holds "
+                                       r"\['prompt_library'\]"):
+    setup.restore_trained(*args, random_init_backbone=True, rebuild_from_source=["prompt_libary"])
+  variables, step = setup.restore_trained(*args, random_init_backbone=True,
+                                          rebuild_from_source=[attempt_lib.SOURCES_COLLECTION])
+  assert step == 2
+  np.testing.assert_array_equal(_sources(variables), original[1:])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, variables["peft"], restored["peft"])
+  assert np.isfinite(np.asarray(model.score_batch(variables, _batch()))).all()

@@ -73,12 +73,12 @@ def pretrained(tmp_path_factory):
 
 def test_pruned_sources_restore_the_same_checkpoint(pretrained):
   work, lib, model_dir, common = pretrained
-  table = interpret.load_attention_table(str(model_dir / "attention_4.json"))
+  table = interpret.load_attention_table(str(model_dir / "eval" / "attention_4.json"))
   assert table.candidate_names == tuple(SOURCES) + ("target",)
   assert table.task_names == tuple(f"synthetic_{s}" for s in sorted(SOURCES))
   pruned_dir, gin_file = work / "pruned", work / "pruned.gin"
   proc = _run("prompt_mix.attempt.library", "prune", f"--library={lib.path}",
-              f"--attention={model_dir / 'attention_4.json'}", "--top_k=2", f"--output={pruned_dir}",
+              f"--attention={model_dir / 'eval' / 'attention_4.json'}", "--top_k=2", f"--output={pruned_dir}",
               "--extra=init", f"--gin_output={gin_file}")
   ranked = [line.split()[1] for line in proc.stdout.splitlines()[2:6]]
   means = np.nanmean(table.mean_attention[:, :4], axis=0)

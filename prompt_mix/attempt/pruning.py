@@ -13,7 +13,8 @@ library holding only them (plus any prompt named in `extra`, e.g. the run's `tar
 that rebinds `SOURCE_PROMPTS` (and `PROMPT_LIBRARY`). No trainable shape of ATTEMPT depends on the number
 of sources, so the same run's checkpoint restores into the pruned model as it is: eval, export or further
 training with the pruned set restore the `peft` tree, and the `prompt_library` collection is rebuilt from
-the pruned set.
+the pruned set: the gin file binds `restore_trained.rebuild_from_source = ['prompt_library']`, since a
+trained run's checkpoint otherwise restores the source prompts it was trained with.
 
 NumPy only.
 """
@@ -106,7 +107,9 @@ def write_pruned_library(source: library_lib.PromptLibrary, keep: Sequence[str],
 def gin_binding(keep: Sequence[str], library_path: Optional[str] = None) -> str:
   """Gin text that selects the kept sources (`SOURCE_PROMPTS`) and, when given, the pruned library."""
   lines = ["# The sources kept by attention pruning (python -m prompt_mix.attempt.library prune).",
-           f"SOURCE_PROMPTS = {list(keep)!r}"]
+           f"SOURCE_PROMPTS = {list(keep)!r}",
+           "# Restoring the run's checkpoint takes the kept sources from the library, not the checkpoint.",
+           "restore_trained.rebuild_from_source = ['prompt_library']"]
   if library_path is not None:
     lines.append(f"PROMPT_LIBRARY = {os.fspath(library_path)!r}")
   return "\n".join(lines) + "\n"

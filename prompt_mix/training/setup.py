@@ -9,17 +9,20 @@ other than the backbone (`method_collections`, e.g. source prompts read from a p
 first start) and their `variable_specs` (shapes, dtypes, logical axis names). `restore_trained` rebuilds
 those collections from the checkpoint alone, never from their original source, so a library changed or
 removed after training changes nothing. Checkpoints of older versions (no specs) fall back to building
-the collections from their source, with a warning that says so.
+the collections from their source, with a warning that says so. A change made on purpose, such as
+evaluating a run with a pruned set of source prompts, names the collections to build from their source as
+configured now: `restore_trained.rebuild_from_source = ['prompt_library']` (what `prune`'s gin file binds).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
 import flax
+import gin
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -182,11 +185,12 @@ def abstract_init_with(model: model_lib.EncoderDecoderModel, batch: Mapping[str,
   return jax.eval_shape(init, dict(given))
 
 
-def _check_no_new_leaves(abstract: Mapping[str, Any], given: Mapping[str, Any], where: str) -> None:
+def _check_no_new_leaves(abstract: Mapping[str, Any], given: Mapping[str, Any], where: str,
+                         rebuilt: Sequence[str] = ()) -> None:
   """The model must not build method variables the checkpoint lacks (a different method or size)."""
   new = []
   for collection, tree in abstract.items():
-    if collection == BACKBONE:
+    if collection == BACKBONE or collection in rebuilt:
       continue
     have = set(model_lib.flatten(given.get(collection, {})))
     new += [f"{collection}/{k}" for k in sorted(set(model_lib.flatten(tree)) - have)]
@@ -196,16 +200,22 @@ def _check_no_new_leaves(abstract: Mapping[str, Any], given: Mapping[str, Any], 
                      "method gin files the training run's (its config.gin)?")
 
 
+@gin.configurable(denylist=["model", "model_dir", "initial_checkpoint_path", "batch", "mesh", "step",
+                            "random_init_backbone", "rules"])
 def restore_trained(model: model_lib.EncoderDecoderModel, model_dir: str,
                     initial_checkpoint_path: Optional[str], batch: Mapping[str, Array],
                     mesh: jax.sharding.Mesh, step: Optional[int | str] = None,
-                    random_init_backbone: bool = False, rules=None) -> tuple[dict, int]:
+                    random_init_backbone: bool = False, rules=None,
+                    rebuild_from_source: Sequence[str] = ()) -> tuple[dict, int]:
   """All variables of a trained run: the backbone plus the trainable and frozen method collections of a
   training checkpoint (module docstring).
 
   Args:
     model_dir: the training run's MODEL_DIR (checkpoints under `<model_dir>/checkpoints`).
     step: a step number, 'best' (by the run's best metric) or None for the latest.
+    rebuild_from_source: frozen method collections (e.g. 'prompt_library') to build from their source as
+      the model is configured now instead of restoring them from the checkpoint (a pruned set of source
+      prompts); the trainable tree and every other collection still come from the checkpoint.
   Returns:
     (variables, step restored).
   """
@@ -230,12 +240,24 @@ def restore_trained(model: model_lib.EncoderDecoderModel, model_dir: str,
     trainable, _ = restore_run_state(model_dir, step, target)
     return model_lib.merge_trainable(trainable, run.frozen, model.trains_backbone), step
   given = boxed_from_specs(specs)
+  rebuilt = tuple(rebuild_from_source)
+  held = sorted(k for k in method_collections(given) if k != name)
+  unknown = sorted(set(rebuilt) - set(held))
+  if unknown:
+    raise ValueError(f"restore_trained.rebuild_from_source names {unknown}, which {where} does not hold as "
+                     f"frozen method collections (it holds {held})")
+  given = {k: v for k, v in given.items() if k not in rebuilt}
   abstract = abstract_init_with(model, batch, given)
-  _check_no_new_leaves(abstract, given, where)
+  _check_no_new_leaves(abstract, given, where, rebuilt)
   targets = partitioning.abstract_with_shardings(abstract, mesh, rules)
-  frozen_target = method_collections({k: v for k, v in targets.items() if k != name})
+  frozen_target = method_collections({k: v for k, v in targets.items() if k not in (name, *rebuilt)})
   trainable, frozen = restore_run_state(model_dir, step, targets[name], frozen_target)
   variables = dict(frozen or {})
+  if rebuilt:
+    built = build_variables(model, params, jax.random.PRNGKey(0), batch, mesh, rules).frozen
+    variables.update({k: built[k] for k in rebuilt})
+    logging.warning("%s: %s built from their source as configured now (rebuild_from_source), not restored",
+                    where, list(rebuilt))
   if name != BACKBONE:
     shardings = partitioning.logical_to_sharding(abstract[BACKBONE], mesh, rules)
     variables[BACKBONE] = jax.device_put(jax.tree_util.tree_map(jnp.asarray, params), shardings)
@@ -392,15 +414,14 @@ def resolve_task_names(model: model_lib.EncoderDecoderModel, mixture_or_task_nam
   (`task_ids.task_names_of`), which must number `num_tasks`. Without a tasks axis: None (global ids).
   """
   from prompt_mix.data import task_ids  # pylint: disable=g-import-not-at-top
-  sizes = {d.num_tasks for d in model.deltas if getattr(d, "num_tasks", None)}
+  size = model.num_tasks  # The bank the deltas share (they must agree: `plugins.num_tasks`).
   if task_names:
     names = list(task_names)
-  elif sizes:
+  elif size:
     names = task_ids.task_names_of(mixture_or_task_name)
   else:
     return None
-  for size in sizes:
-    if size != len(names):
-      raise ValueError(f"The method has a tasks axis of {size} but the task order has {len(names)} "
-                       f"tasks {names}: set NUM_TASKS = {len(names)} or TASK_NAMES")
+  if size and size != len(names):
+    raise ValueError(f"The method has a tasks axis of {size} but the task order has {len(names)} "
+                     f"tasks {names}: set NUM_TASKS = {len(names)} or TASK_NAMES")
   return names
