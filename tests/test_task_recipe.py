@@ -122,7 +122,10 @@ def test_converter_batches_carry_local_task_ids(recipe_tasks):
 
 def test_prompt_bank_trains_and_evaluates_on_the_recipe_tasks(recipe_tasks):
   """A bank of 3 prompts (the mixture's two tasks and glue_mrpc, absent from the data) trains 2 steps: the
-  rows of the two tasks move, glue_mrpc's row stays its initial value, and both tasks are evaluated."""
+  rows of the two tasks move, glue_mrpc's row stays its initial value, and both tasks are evaluated.
+
+  Batches are drawn at random (`LengthBuckets.window_batches = 1`): grouping by length would put the two
+  tasks' inputs, of different lengths, in different batches, and 2 steps could see only one task."""
   tmp_path = recipe_tasks
   init = np.random.RandomState(0).uniform(-0.5, 0.5, (2, 8)).astype(np.float32)  # [m, d] for every row.
   np.save(tmp_path / "init.npy", init)
@@ -137,12 +140,13 @@ def test_prompt_bank_trains_and_evaluates_on_the_recipe_tasks(recipe_tasks):
          "BATCH_SIZE = 4", "RANDOM_INIT_BACKBONE = True", "CHECKPOINT_PERIOD = 2", "EVAL_PERIOD = 2",
          "TASK_FEATURE_LENGTHS = {'inputs': 16, 'targets': 4}", f"TASK_NAMES = {names}",
          "PromptTuning.length = 2", "PromptTuning.num_tasks = 3", "PromptTuning.init = 'file'",
-         f"PromptTuning.init_file = '{tmp_path / 'init.npy'}'", "DROPOUT_RATE = 0.0", "train.log_period = 1"])
+         f"PromptTuning.init_file = '{tmp_path / 'init.npy'}'", "DROPOUT_RATE = 0.0", "train.log_period = 1",
+         "LengthBuckets.window_batches = 1"])
     metrics = trainer.train()
   finally:
     gin.clear_config()
   assert metrics["step"] == 2 and np.isfinite(metrics["loss"])
-  evaluated = json.loads((model_dir / "eval_metrics_2.json").read_text())
+  evaluated = json.loads((model_dir / "eval" / "eval_metrics_2.json").read_text())
   assert {"imdb/accuracy", f"{COPY}/accuracy"} <= set(evaluated)
 
   model = model_lib.EncoderDecoderModel(

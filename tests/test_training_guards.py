@@ -199,8 +199,8 @@ def test_evaluations_read_each_eval_dataset_once(tmp_path, monkeypatch):
                               jax.random.PRNGKey(0), batch, partitioning.make_mesh(1))
   variables = {**run.frozen, "peft": run.trainable}
   reads = []
-  original = evaluation.batches
-  monkeypatch.setattr(evaluation, "batches", lambda ds, size: reads.append(ds) or original(ds, size))
+  original = evaluation.materialize
+  monkeypatch.setattr(evaluation, "materialize", lambda ds: reads.append(ds) or original(ds))
   evaluator = evaluation.Evaluator(model, "synthetic_max",
                                    feature_converter.TaskIdEncDecFeatureConverter(task_names=None), LENGTHS,
                                    batch_size=8, log_dir=str(tmp_path / "eval"))
