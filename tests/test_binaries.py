@@ -21,15 +21,15 @@ from prompt_mix.peft import prompt_tuning
 from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import model as model_lib
 from prompt_mix.training import setup
+from conftest import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 16, 'targets': 4}"
 
 
 def _env(devices: int = 1) -> dict:
-  env = dict(os.environ, PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="3")
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  return env
+  return subprocess_env(PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="3",
+                        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def _train_args(model_dir, steps, extra=()):

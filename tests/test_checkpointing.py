@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from prompt_mix.training import checkpointing
+from conftest import subprocess_env
 
 
 def _peft(seed: float = 0.0):
@@ -197,7 +198,7 @@ print("OTHER_MESH_OK")
 
 
 def test_resume_on_a_different_mesh(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", _OTHER_MESH_SCRIPT, str(tmp_path / "ckpt")], env=env,
                         capture_output=True, text=True, timeout=300, check=False)
   assert "OTHER_MESH_OK" in proc.stdout, proc.stderr[-4000:]

@@ -21,6 +21,7 @@ from prompt_mix.peft import prefix_tuning as prefix_lib
 from prompt_mix.peft import prompt_tuning as pt
 from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import model as model_lib
+from conftest import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VOCAB = 64
@@ -353,8 +354,8 @@ def test_restore_checkpoint_picks_the_latest_a_step_or_the_best(tmp_path):
 
 # ------------------------------------------------------------------------------------ the binary
 def _env():
-  return dict(os.environ, PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-              XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess_env(PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
+                        XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
 def test_export_binary_after_a_tiny_run(tmp_path):

@@ -25,6 +25,7 @@ from prompt_mix.peft import prompt_tuning
 from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import model as model_lib
 from prompt_mix.training import setup
+from conftest import subprocess_env
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 12
@@ -51,8 +52,8 @@ def _command(model_dir, port: int, process_id: int) -> list[str]:
 
 
 def _launch(model_dir, logs, tag: str) -> list[tuple[subprocess.Popen, pathlib.Path]]:
-  env = dict(os.environ, PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="3",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = subprocess_env(PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="3",
+                       XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
   port = _free_port()
   started = []
   for i in range(2):

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from prompt_mix import partitioning
+from conftest import subprocess_env
 
 _REPORT_MARK = "PARTITIONING_REPORT:"
 
@@ -163,7 +164,7 @@ def _main():
 
 @pytest.fixture(scope="module")
 def device_report():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).resolve())], env=env,
                         capture_output=True, text=True, timeout=300, check=False)
   for line in proc.stdout.splitlines():
