@@ -1,5 +1,6 @@
 """Training writes TensorBoard scalars a person reads in TensorBoard: loss, learning rate (per parameter
-group), steps/s and the evaluation metrics, at the steps they belong to."""
+group), steps/s, the evaluation metrics and ATTEMPT's attention per task and candidate, at the steps they
+belong to."""
 
 import gin
 import numpy as np
@@ -71,3 +72,33 @@ def test_an_optax_optimizer_of_ones_own_trains_without_a_learning_rate_scalar():
   assert trainer._learning_rate_scalars(optimizers.optax.sgd(0.1), 3) == {}  # pylint: disable=protected-access
   tx = optimizers.make_optimizer(learning_rate=0.5, decay="linear", total_steps=10)
   assert trainer._learning_rate_scalars(tx, 6) == pytest.approx({"learning_rate": 0.25})  # pylint: disable=protected-access
+
+
+def test_attempt_attention_per_task_and_candidate_is_written_at_the_eval_steps(tmp_path):
+  """ATTEMPT-m on two tasks: each task's mean attention over each candidate (the sources, then 'target')
+  is a scalar `attention/<task>/<candidate>` at the eval steps, equal to the eval's attention table."""
+  from prompt_mix import methods  # pylint: disable=g-import-not-at-top
+  from prompt_mix.attempt import interpret  # pylint: disable=g-import-not-at-top
+  model_dir = tmp_path / "run"
+  bindings = ["NUM_TASKS = 2"]
+  bindings += methods.library_bindings("attempt_m", bindings, d_model=8, directory=tmp_path / "library")
+  gin.clear_config()
+  try:
+    gin_utils.parse_gin_flags(
+        gin_utils.default_gin_search_paths(),
+        ["models/tiny_bytes.gin", methods.gin_path("attempt_m"), "runs/finetune.gin"],
+        bindings + [f"MODEL_DIR = '{model_dir}'", "MIXTURE_OR_TASK_NAME = 'synthetic_targets'",
+                    "TRAIN_STEPS = 2", "BATCH_SIZE = 4", "RANDOM_INIT_BACKBONE = True", "EVAL_PERIOD = 2",
+                    "TASK_FEATURE_LENGTHS = {'inputs': 16, 'targets': 4}", "train.log_period = 1"])
+    trainer.train()
+  finally:
+    gin.clear_config()
+  table = interpret.load_attention_table(str(model_dir / "eval" / "attention_2.json"))
+  assert len(table.task_names) == 2 and table.candidate_names[-1] == "target"
+  scalars = _scalars(model_dir)
+  for i, task in enumerate(table.task_names):
+    for j, candidate in enumerate(table.candidate_names):
+      tag = f"attention/{task}/{candidate}"
+      assert sorted(scalars[tag]) == [2], tag
+      assert scalars[tag][2] == pytest.approx(float(table.mean_attention[i, j]), rel=1e-5), tag
+    assert sum(scalars[f"attention/{task}/{c}"][2] for c in table.candidate_names) == pytest.approx(1.0)

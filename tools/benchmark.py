@@ -232,11 +232,18 @@ def time_calls(call: Callable[[], Any], steps: int, warmup: int) -> dict:
   return interleaved({"call": call}, steps, warmup)["call"]
 
 
-def interleaved(calls: dict[str, Callable[[], Any]], steps: int, warmup: int) -> dict[str, dict]:
+SETTLE_S = 0.25  # Pause before each timed call of `interleaved`.
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], steps: int, warmup: int,
+                settle_s: float = SETTLE_S) -> dict[str, dict]:
   """Times several calls round-robin (the order reversed every other round), so that a change in the
   machine's load during the run falls on all of them alike. Each call runs once (compilation) and
-  `warmup` times before the rounds. Returns {name: {first_s, median_s, min_s, max_s, times_s}}, plus
-  'paired_ratio': {name: median over rounds of (its time / the first call's time in that round)}."""
+  `warmup` times before the rounds. Each timed call starts after a pause of `settle_s`: the thread pools
+  of the previous call (XLA's, or PyTorch's OpenMP threads) spin for a while after their work is done and
+  would otherwise slow the next call, whichever framework it is. Returns {name: {first_s, median_s, min_s,
+  max_s, times_s}}, plus 'paired_ratio': {name: median over rounds of (its time / the first call's time in
+  that round)}."""
   first = {}
   for name, call in calls.items():
     t0 = time.perf_counter()
@@ -248,6 +255,7 @@ def interleaved(calls: dict[str, Callable[[], Any]], steps: int, warmup: int) ->
   names = list(calls)
   for i in range(steps):
     for name in (names if i % 2 == 0 else names[::-1]):
+      time.sleep(settle_s)
       t0 = time.perf_counter()
       calls[name]()
       times[name].append(time.perf_counter() - t0)
