@@ -181,3 +181,16 @@ def check_loss_goes_down(deltas, steps=40, learning_rate=0.05, ratio=0.5, **over
   assert np.isfinite(losses).all(), losses
   assert losses[-1] < ratio * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f} (need < {ratio}x)"
   return losses
+
+
+# A small T5 v1.1-style backbone for parity tests against HF transformers / PEFT (untied, gated GELU).
+HF_VOCAB = 64
+HF_CONFIG = config_lib.T5Config(
+    vocab_size=HF_VOCAB, emb_dim=16, num_heads=4, head_dim=6, mlp_dim=32, num_encoder_layers=2,
+    num_decoder_layers=3, mlp_activations=("gelu", "linear"), logits_via_embedding=False,
+    dropout_rate=0.0)
+
+
+def rel_err(a, b) -> float:
+  """max |a - b| / max |b|."""
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))

@@ -18,7 +18,6 @@ import method_checks as checks
 from prompt_mix import export_formats
 from prompt_mix import methods
 from prompt_mix.peft import ia3 as ia3_lib
-from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import model as model_lib
 
 SYNTHETIC = checks.synthetic_task_batch()
@@ -83,15 +82,8 @@ def test_the_registry_builds_it_from_its_gin_file():
 
 
 # ----------------------------------------------------------------------------------------- PEFT parity
-HF_VOCAB = 64
-HF_CONFIG = config_lib.T5Config(
-    vocab_size=HF_VOCAB, emb_dim=16, num_heads=4, head_dim=6, mlp_dim=32, num_encoder_layers=2,
-    num_decoder_layers=3, mlp_activations=("gelu", "linear"), logits_via_embedding=False,
-    dropout_rate=0.0)
-
-
-def _rel_err(a, b):
-  return np.max(np.abs(a - b)) / np.max(np.abs(b))
+HF_VOCAB, HF_CONFIG = checks.HF_VOCAB, checks.HF_CONFIG
+_rel_err = checks.rel_err
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -11,7 +11,6 @@ import pytest
 
 import method_checks as checks
 from prompt_mix.peft import lora as lora_lib
-from prompt_mix.t5 import config as config_lib
 from prompt_mix.t5 import model as model_lib
 
 SYNTHETIC = checks.synthetic_task_batch()
@@ -74,15 +73,8 @@ def test_bad_options_name_the_value():
 
 
 # ----------------------------------------------------------------------------------------- PEFT parity
-HF_VOCAB = 64
-HF_CONFIG = config_lib.T5Config(
-    vocab_size=HF_VOCAB, emb_dim=16, num_heads=4, head_dim=6, mlp_dim=32, num_encoder_layers=2,
-    num_decoder_layers=3, mlp_activations=("gelu", "linear"), logits_via_embedding=False,
-    dropout_rate=0.0)
-
-
-def _rel_err(a, b):
-  return np.max(np.abs(a - b)) / np.max(np.abs(b))
+HF_VOCAB, HF_CONFIG = checks.HF_VOCAB, checks.HF_CONFIG
+_rel_err = checks.rel_err
 
 
 def test_logits_match_hf_peft_lora(tmp_path):
