@@ -194,3 +194,14 @@ HF_CONFIG = config_lib.T5Config(
 def rel_err(a, b) -> float:
   """max |a - b| / max |b|."""
   return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def torch_logits(model, enc, dec_in, *, without_adapter: bool = False) -> np.ndarray:
+  """A PyTorch (PEFT) T5's logits [B, t, V] for int token arrays enc [B, n], dec_in [B, t] (0 = padding);
+  `without_adapter`: the backbone alone (`disable_adapter`)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  context = model.disable_adapter() if without_adapter else contextlib.nullcontext()
+  with torch.no_grad(), context:
+    return model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0),
+                 decoder_input_ids=torch.tensor(dec_in)).logits.numpy()

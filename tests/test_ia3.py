@@ -89,7 +89,7 @@ _rel_err = checks.rel_err
 @pytest.mark.parametrize("tied", [False, True])
 def test_peft_from_pretrained_on_our_export_gives_our_logits(tmp_path, tied):
   """PEFT's IA3Config for T5 (target_modules k, v, wo; feedforward wo) loaded from what we export."""
-  torch = pytest.importorskip("torch")
+  pytest.importorskip("torch")
   pytest.importorskip("transformers")
   peft = pytest.importorskip("peft")
   from prompt_mix.t5 import hf_checkpoint  # pylint: disable=g-import-not-at-top
@@ -126,14 +126,10 @@ def test_peft_from_pretrained_on_our_export_gives_our_logits(tmp_path, tied):
   assert {k: tuple(v.shape) for k, v in ours_state.items()} == theirs_state
 
   ours = np.asarray(jax.jit(model.logits)(variables, batch))
-  with torch.no_grad():
-    logits = wrapped(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0),
-                     decoder_input_ids=torch.tensor(dec_in)).logits.numpy()
+  logits = checks.torch_logits(wrapped, enc, dec_in)
   real = tgt > 0  # Padded target positions are masked differently (T5X masks them as keys too).
   assert _rel_err(ours[real], logits[real]) < 1e-5
-  with torch.no_grad(), wrapped.disable_adapter():
-    plain = wrapped(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0),
-                    decoder_input_ids=torch.tensor(dec_in)).logits.numpy()
+  plain = checks.torch_logits(wrapped, enc, dec_in, without_adapter=True)
   assert _rel_err(plain[real], logits[real]) > 1e-2  # The vectors are not a no-op at these values.
 
   # Read back: the same delta and leaves.

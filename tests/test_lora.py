@@ -131,15 +131,11 @@ def test_logits_match_hf_peft_lora(tmp_path):
     np.testing.assert_array_equal(exported[key], saved[key])
 
   logits = np.asarray(jax.jit(model.logits)({"params": params, "peft": ours}, batch))
-  with torch.no_grad():
-    hf_logits = peft_model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0),
-                           decoder_input_ids=torch.tensor(dec_in)).logits.numpy()
+  hf_logits = checks.torch_logits(peft_model, enc, dec_in)
   real = tgt > 0  # Padded target positions are masked differently (T5X masks them as keys too).
   assert _rel_err(logits[real], hf_logits[real]) < 1e-5
   # The LoRA is not a no-op at these values: the backbone alone is far off.
-  with torch.no_grad(), peft_model.disable_adapter():
-    plain = peft_model(input_ids=torch.tensor(enc), attention_mask=torch.tensor(enc > 0),
-                       decoder_input_ids=torch.tensor(dec_in)).logits.numpy()
+  plain = checks.torch_logits(peft_model, enc, dec_in, without_adapter=True)
   assert _rel_err(plain[real], hf_logits[real]) > 1e-2
 
 
