@@ -239,9 +239,10 @@ def interleaved(calls: dict[str, Callable[[], Any]], steps: int, warmup: int,
                 settle_s: float = SETTLE_S) -> dict[str, dict]:
   """Times several calls round-robin (the order reversed every other round), so that a change in the
   machine's load during the run falls on all of them alike. Each call runs once (compilation) and
-  `warmup` times before the rounds. Each timed call starts after a pause of `settle_s`: the thread pools
-  of the previous call (XLA's, or PyTorch's OpenMP threads) spin for a while after their work is done and
-  would otherwise slow the next call, whichever framework it is. Returns {name: {first_s, median_s, min_s,
+  `warmup` times before the rounds. Each timed call starts after a pause of `settle_s`, so that the thread
+  pools of the previous call (XLA's, or PyTorch's OpenMP threads), which may spin after their work is done,
+  cannot overlap it (measured with and without the pause, the HF PEFT ratio was the same: docs/benchmarks.md).
+  Returns {name: {first_s, median_s, min_s,
   max_s, times_s}}, plus 'paired_ratio': {name: median over rounds of (its time / the first call's time in
   that round)}."""
   first = {}

@@ -22,8 +22,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from absl import logging
 import flax
-import gin
 import flax.linen as nn
+import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
