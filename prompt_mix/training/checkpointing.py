@@ -29,11 +29,9 @@ Restoring goes into the structure, dtypes and shardings of an abstract target (`
 A step that cannot be read is a `CheckpointReadError` in a few lines (TensorStore's spec dumps cut), and
 `restore_latest` says which earlier step restores intact.
 
-Memory: Orbax asks TensorStore for its I/O byte counters before and after every item it writes, only to
-log a raw throughput; `tensorstore.experimental_collect_matching_metrics` leaks the Python objects it
-returns (about 3 KB per call, growing with the counters), which made a long run's RSS creep with every
-save. Importing this module replaces that counter query with 0 (`_stop_metric_leak`): the logged raw
-throughput reads 0, nothing else changes. `tools/soak.py` measures the slope.
+Memory: two leaks of TensorStore's Python bindings, hit by Orbax on every save, made a long run's RSS creep
+with every checkpoint; importing this module stops both (`tensorstore_leaks`; `tools/soak.py` measures the
+slope).
 """
 
 from __future__ import annotations
@@ -50,29 +48,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from prompt_mix.training import tensorstore_leaks
+
+tensorstore_leaks.install()
+
 PyTree = Any
-TrainingState = dict
-
-
-def _stop_metric_leak() -> bool:
-  """Replaces Orbax's per-save TensorStore counter query (module docstring); True when it was found."""
-  try:
-    from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=g-import-not-at-top
-  except ImportError:  # Another Orbax layout: nothing to replace.
-    return False
-  if not hasattr(tensorstore_utils, "get_tensorstore_raw_bytes"):
-    return False
-
-  def no_raw_bytes(direction=None) -> int:
-    del direction
-    return 0
-
-  tensorstore_utils.get_tensorstore_raw_bytes = no_raw_bytes
-  return True
-
-
-_METRIC_LEAK_STOPPED = _stop_metric_leak()
-  # {'peft': PyTree, 'opt_state': PyTree, 'step': int, 'data_state': dict}
+TrainingState = dict  # {'peft': PyTree, 'opt_state': PyTree, 'step': int, 'data_state': dict}
 
 PEFT = "peft"
 OPT_STATE = "opt_state"
