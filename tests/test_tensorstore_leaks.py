@@ -23,7 +23,8 @@ SPECS = [
     {"driver": "file", "path": "/tmp/é/ü/Ã/ÿ/"},  # Non-ASCII, including code points below 256.
     {"driver": "file", "path": "/tmp/模型/emoji😀/"},
     {"driver": "memory", "path": "abc"},
-    {"driver": "ocdbt", "base": {"driver": "file", "path": "/tmp/d/", "file_io_locking": {"mode": "non_atomic"}},
+    {"driver": "ocdbt",
+     "base": {"driver": "file", "path": "/tmp/d/", "file_io_locking": {"mode": "non_atomic"}},
      "manifest": {"driver": "file", "path": "/tmp/d/"}, "path": "x", "cache_pool": "cache_pool#ocdbt",
      "config": {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100000000}},
     {"driver": "gcs", "bucket": "my-bucket", "path": "runs/a/"},

@@ -9,9 +9,9 @@ workarounds once per process; `training.checkpointing` calls it on import.
    write throughput. `install` replaces Orbax's `get_tensorstore_raw_bytes` with 0: the logged raw
    throughput reads 0, nothing else changes.
 
-2. `tensorstore.KvStore.Spec.to_json()` (TensorStore 0.1.86 and earlier) keeps one extra reference to every
-   value it converts from C++ JSON to Python, so every string of the returned spec (the checkpoint path
-   among them) is never freed: about 0.26 KB per call for a short path, plus the length of the path.
+2. `tensorstore.KvStore.Spec.to_json()` (TensorStore 0.1.86, the newest release) keeps one extra reference
+   to every value it converts from C++ JSON to Python, so every string of the returned spec (the checkpoint
+   path among them) is never freed: about 0.26 KB per call for a short path, plus the length of the path.
    Orbax's OCDBT spec builder calls it once per array it writes and twice more per save to merge the
    per-process files, so a save of N arrays keeps about (N + 2) x (0.25 KB + the step directory's path).
    The spec's `repr`, printed by TensorStore's C++ code as a Python literal, does not leak: when the leak is
