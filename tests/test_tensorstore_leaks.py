@@ -4,6 +4,8 @@ Leaks are checked by reference counts (deterministic), not by RSS: a string retu
 `KvStore.Spec.to_json()` keeps a reference nobody owns. docs/reliability.md has the RSS figures.
 """
 
+import concurrent.futures
+import gc
 import sys
 
 import jax.numpy as jnp
@@ -103,8 +105,6 @@ class _CyclicGarbage:
 def test_the_repr_parser_is_safe_from_many_threads_at_once():
   """Orbax converts specs from several threads while the GC runs finalizers; `ast.literal_eval` then fails
   on CPython 3.11 ("AST constructor recursion depth mismatch"): this test fails with it."""
-  import concurrent.futures  # pylint: disable=g-import-not-at-top
-  import gc  # pylint: disable=g-import-not-at-top
   value = {f"key_{i}": {"a": [1, 2.5, {"b": "x" * 10}], "c": None, "d": True} for i in range(30)}
   text = repr(value)
 
